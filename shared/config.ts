@@ -1,0 +1,389 @@
+import { readFileSync } from 'node:fs'
+import { hostname } from 'node:os'
+import { resolve } from 'node:path'
+import { isIPv4, isIPv6 } from 'node:net'
+import { parseEnv } from 'node:util'
+import envSchema from 'env-schema'
+import { parseDuration } from './duration.js'
+import { GatewayError } from './errors.js'
+import { Secret, maskUrlPassword } from './secret.js'
+
+export type Env = Readonly<Record<string, string | undefined>>
+
+// The one schema for every variable the gateway and ehrctl read. Types and ranges are
+// checked here; which variables are *required* depends on what the caller is about to do
+// (see `Need`), so an admin laptop running `ehrctl machine add` needs no gateway TLS key.
+const schema = {
+  type: 'object',
+  properties: {
+    NODE_ENV: { type: 'string', enum: ['development', 'test', 'production'], default: 'development' },
+    DATABASE_URL: { type: 'string', pattern: '^postgres(ql)?://' },
+    DATABASE_POOL_MAX: { type: 'integer', minimum: 1, maximum: 200, default: 10 },
+    GATEWAY_HOST: { type: 'string', minLength: 1, default: '0.0.0.0' },
+    GATEWAY_PORT: { type: 'integer', minimum: 0, maximum: 65535, default: 8443 },
+    OPS_HOST: { type: 'string', minLength: 1, default: '127.0.0.1' },
+    OPS_PORT: { type: 'integer', minimum: 0, maximum: 65535, default: 9090 },
+    TLS_CERT_FILE: { type: 'string', minLength: 1 },
+    TLS_KEY_FILE: { type: 'string', minLength: 1 },
+    TLS_CLIENT_CA_FILE: { type: 'string', minLength: 1 },
+    TRUSTED_PROXIES: { type: 'string', default: '' },
+    EHR_UPSTREAM_URL: { type: 'string', pattern: '^https?://' },
+    PROXY_PREFIX: { type: 'string', pattern: '^/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$', default: '/fhir' },
+    EHR_API_KEY: { type: 'string', minLength: 1 },
+    EHR_API_KEY_HEADER: { type: 'string', pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", default: 'x-api-key' },
+    UPSTREAM_CONNECTIONS: { type: 'integer', minimum: 1, maximum: 4096, default: 64 },
+    UPSTREAM_CONNECT_TIMEOUT_MS: { type: 'integer', minimum: 1, default: 5000 },
+    UPSTREAM_HEADERS_TIMEOUT_MS: { type: 'integer', minimum: 1, default: 30_000 },
+    UPSTREAM_BODY_TIMEOUT_MS: { type: 'integer', minimum: 1, default: 30_000 },
+    BODY_LIMIT_BYTES: { type: 'integer', minimum: 1, default: 10 * 1024 * 1024 },
+    TOKEN_ISSUER: { type: 'string', pattern: '^https?://' },
+    TOKEN_AUDIENCE: { type: 'string', minLength: 1 },
+    TOKEN_TTL_SECONDS: { type: 'integer', minimum: 10, maximum: 86_400, default: 300 },
+    TOKEN_ALG: { type: 'string', enum: ['EdDSA', 'ES256'], default: 'EdDSA' },
+    TOKEN_CLOCK_TOLERANCE_SECONDS: { type: 'integer', minimum: 0, maximum: 300, default: 5 },
+    TOKEN_KEY_ENCRYPTION_KEY: { type: 'string', minLength: 1 },
+    REGISTRY_CACHE_TTL_MS: { type: 'integer', minimum: 0, maximum: 600_000, default: 30_000 },
+    RATE_LIMIT_MAX: { type: 'integer', minimum: 1, default: 600 },
+    RATE_LIMIT_WINDOW: { type: 'string', default: '1 minute' },
+    SHUTDOWN_GRACE_MS: { type: 'integer', minimum: 0, default: 10_000 },
+    LOG_LEVEL: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
+    // Contract variables whose features land in later releases; see NOT_YET_SUPPORTED.
+    TOKEN_REQUIRE_DPOP: { type: 'string' },
+    TOKEN_SINGLE_USE: { type: 'string' },
+    TOKEN_ENCRYPT: { type: 'string' },
+    GATEWAY_WORKERS: { type: 'string' },
+    CORS_ORIGINS: { type: 'string' },
+    REDIS_URL: { type: 'string' },
+    GOOGLE_OAUTH_CLIENT_ID: { type: 'string' },
+    GOOGLE_OAUTH_CLIENT_SECRET: { type: 'string' },
+    GOOGLE_OAUTH_REDIRECT_URI: { type: 'string' },
+    GOOGLE_OAUTH_REFRESH_TOKEN: { type: 'string' },
+    GOOGLE_APPLICATION_CREDENTIALS: { type: 'string' },
+    GOOGLE_TOKEN_URL: { type: 'string' },
+    GOOGLE_QUOTA_PROJECT: { type: 'string' },
+    SMART_TOKEN_URL: { type: 'string' },
+    SMART_CLIENT_ID: { type: 'string' },
+    SMART_PRIVATE_KEY_FILE: { type: 'string' },
+    SMART_KEY_ID: { type: 'string' },
+    SMART_SCOPE: { type: 'string' }
+  }
+} as const
+
+// Secrets that may come from `<NAME>_FILE` instead (Docker/Kubernetes secrets). An explicit
+// list: a glob would let any `_FILE` variable make the gateway read arbitrary files.
+export const FILE_SECRETS = [
+  'DATABASE_URL',
+  'EHR_API_KEY',
+  'TOKEN_KEY_ENCRYPTION_KEY',
+  'REDIS_URL',
+  'GOOGLE_OAUTH_CLIENT_ID',
+  'GOOGLE_OAUTH_CLIENT_SECRET',
+  'GOOGLE_OAUTH_REFRESH_TOKEN'
+] as const
+
+// Setting one of these and having it silently ignored would give a false sense of
+// security (TOKEN_SINGLE_USE) or a wrong upstream identity (GOOGLE_*), so they are refused
+// until the release that implements them.
+const NOT_YET_SUPPORTED = [
+  'TOKEN_REQUIRE_DPOP', 'TOKEN_SINGLE_USE', 'TOKEN_ENCRYPT', 'GATEWAY_WORKERS', 'CORS_ORIGINS',
+  'REDIS_URL', 'GOOGLE_OAUTH_CLIENT_ID', 'GOOGLE_OAUTH_CLIENT_SECRET', 'GOOGLE_OAUTH_REDIRECT_URI',
+  'GOOGLE_OAUTH_REFRESH_TOKEN', 'GOOGLE_APPLICATION_CREDENTIALS', 'GOOGLE_TOKEN_URL',
+  'GOOGLE_QUOTA_PROJECT', 'SMART_TOKEN_URL', 'SMART_CLIENT_ID', 'SMART_PRIVATE_KEY_FILE',
+  'SMART_KEY_ID', 'SMART_SCOPE'
+] as const
+
+// What a caller is about to do decides which variables must be present.
+export type Need = 'database' | 'clientCa' | 'serverTls' | 'upstream' | 'tokenKeys'
+export const GATEWAY_NEEDS: readonly Need[] = ['database', 'clientCa', 'serverTls', 'upstream', 'tokenKeys']
+
+export type NodeEnv = 'development' | 'test' | 'production'
+
+export interface Config {
+  readonly nodeEnv: NodeEnv
+  readonly database: {
+    // undefined: use the embedded Postgres (never in production)
+    readonly url: Secret | undefined
+    readonly poolMax: number
+  }
+  readonly gateway: {
+    readonly host: string
+    readonly port: number
+    readonly trustedProxies: readonly string[]
+    readonly bodyLimitBytes: number
+    readonly shutdownGraceMs: number
+  }
+  readonly ops: { readonly host: string, readonly port: number }
+  readonly tls: {
+    readonly certFile: string | undefined
+    readonly keyFile: string | undefined
+    readonly clientCaFile: string | undefined
+  }
+  readonly upstream: {
+    readonly url: URL | undefined
+    readonly proxyPrefix: string
+    readonly apiKey: Secret | undefined
+    readonly apiKeyHeader: string
+    readonly connections: number
+    readonly connectTimeoutMs: number
+    readonly headersTimeoutMs: number
+    readonly bodyTimeoutMs: number
+  }
+  readonly tokens: {
+    readonly issuer: string
+    readonly audience: string
+    readonly ttlSeconds: number
+    readonly alg: 'EdDSA' | 'ES256'
+    readonly clockToleranceSeconds: number
+    readonly keyEncryptionKey: Secret | undefined
+  }
+  readonly registry: { readonly cacheTtlMs: number }
+  readonly rateLimit: { readonly max: number, readonly windowMs: number }
+  readonly log: { readonly level: string }
+}
+
+// The gateway process needs every section; loadGatewayConfig proves it once so the
+// gateway's code can rely on the fields without re-checking.
+export interface GatewayConfig extends Config {
+  readonly tls: { readonly certFile: string, readonly keyFile: string, readonly clientCaFile: string }
+  readonly upstream: Config['upstream'] & { readonly url: URL }
+  readonly tokens: Config['tokens'] & { readonly keyEncryptionKey: Secret }
+}
+
+interface Problem { variable: string, message: string }
+
+export class ConfigError extends GatewayError {
+  readonly problems: readonly Problem[]
+  constructor (problems: readonly Problem[]) {
+    super('CONFIG_INVALID', [problems.map(p => `  ${p.variable}: ${p.message}`).join('\n')])
+    this.problems = problems
+  }
+}
+
+export interface LoadOptions {
+  readonly needs?: readonly Need[]
+  // A .env file merged beneath `env` (real environment wins), as docker compose does.
+  readonly dotenvPath?: string | false
+  // Development-only fallback for TOKEN_KEY_ENCRYPTION_KEY, read by the caller that owns the
+  // data directory; the config module itself never writes files.
+  readonly devKeyEncryptionKey?: () => string
+}
+
+export function readDotenv (path: string): Env {
+  try {
+    return parseEnv(readFileSync(path, 'utf8'))
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {}
+    throw err
+  }
+}
+
+// Resolves `<NAME>_FILE` for the listed secrets. Problems name the variable, never a value.
+function resolveFileSecrets (env: Env, problems: Problem[]): Record<string, string | undefined> {
+  const out: Record<string, string | undefined> = { ...env }
+  for (const name of FILE_SECRETS) {
+    const fileVar = `${name}_FILE`
+    const file = env[fileVar]
+    delete out[fileVar]
+    if (file === undefined || file === '') continue
+    if (env[name] !== undefined && env[name] !== '') {
+      problems.push({ variable: fileVar, message: `set either ${name} or ${fileVar}, not both` })
+      continue
+    }
+    try {
+      // One trailing newline is what `echo secret > file` adds; it is not part of the secret.
+      out[name] = readFileSync(file, 'utf8').replace(/\r?\n$/, '')
+    } catch (err) {
+      problems.push({ variable: fileVar, message: `cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+    }
+  }
+  // An empty variable means "unset", as in most shells' and compose files' intent.
+  for (const [k, v] of Object.entries(out)) if (v === '') delete out[k]
+  return out
+}
+
+interface AjvError { instancePath: string, message?: string, params: Record<string, unknown> }
+
+function schemaProblems (err: unknown): Problem[] {
+  const errors = (err as { errors?: AjvError[] }).errors ?? []
+  return errors.map(e => ({
+    variable: e.instancePath.replace(/^\//, '') || String(e.params['missingProperty'] ?? 'environment'),
+    // ajv messages describe the rule ("must be integer"), never the offending value.
+    message: e.message ?? 'is invalid'
+  }))
+}
+
+function isCidr (text: string): boolean {
+  const [addr, bits, ...rest] = text.split('/')
+  if (addr === undefined || rest.length > 0) return false
+  const max = isIPv4(addr) ? 32 : isIPv6(addr) ? 128 : -1
+  if (max < 0) return false
+  if (bits === undefined) return true
+  return /^\d+$/.test(bits) && Number(bits) <= max
+}
+
+function decodeKek (text: string): Buffer | undefined {
+  if (!/^[A-Za-z0-9+/_-]+={0,2}$/.test(text)) return undefined
+  const key = Buffer.from(text, 'base64')
+  return key.length === 32 ? key : undefined
+}
+
+type Raw = Record<string, string | number | undefined>
+
+export function loadConfig (env: Env, options: LoadOptions = {}): Config {
+  const needs = new Set(options.needs ?? [])
+  const problems: Problem[] = []
+  const merged: Env = options.dotenvPath === undefined || options.dotenvPath === false
+    ? env
+    : { ...readDotenv(resolve(options.dotenvPath)), ...env }
+  const resolved = resolveFileSecrets(merged, problems)
+
+  let raw: Raw
+  try {
+    raw = envSchema({ schema: structuredClone(schema) as unknown as Record<string, unknown>, data: resolved, env: false, dotenv: false }) as Raw
+  } catch (err) {
+    problems.push(...schemaProblems(err))
+    // Keep going with what parsed so one message lists every problem, not just the first.
+    raw = Object.fromEntries(Object.entries(resolved).filter(([k]) => k in schema.properties)) as Raw
+  }
+  const str = (k: string): string | undefined => raw[k] === undefined ? undefined : String(raw[k])
+  const num = (k: keyof typeof schema.properties): number => {
+    const v = Number(raw[k] ?? (schema.properties[k] as { default?: unknown }).default)
+    return Number.isFinite(v) ? v : 0
+  }
+  const nodeEnv = (str('NODE_ENV') ?? 'development') as NodeEnv
+  const production = nodeEnv === 'production'
+
+  for (const name of NOT_YET_SUPPORTED) {
+    const value = str(name)
+    // The default values of these variables ask for nothing new, so they may stay set.
+    const harmless = name === 'GATEWAY_WORKERS' ? ['1'] : ['false', '0']
+    if (value !== undefined && !harmless.includes(value.toLowerCase())) {
+      problems.push({ variable: name, message: 'is not supported by this release of ehr-gateway; unset it' })
+    }
+  }
+
+  const requireVar = (need: Need, variable: string, why?: string): void => {
+    if (needs.has(need) && str(variable) === undefined) {
+      problems.push({ variable, message: why ?? 'is required' })
+    }
+  }
+  if (production) requireVar('database', 'DATABASE_URL', 'is required when NODE_ENV=production (the embedded Postgres is for development only)')
+  requireVar('clientCa', 'TLS_CLIENT_CA_FILE')
+  requireVar('serverTls', 'TLS_CERT_FILE')
+  requireVar('serverTls', 'TLS_KEY_FILE')
+  requireVar('upstream', 'EHR_UPSTREAM_URL')
+
+  let upstreamUrl: URL | undefined
+  const upstreamRaw = str('EHR_UPSTREAM_URL')
+  if (upstreamRaw !== undefined) {
+    try {
+      upstreamUrl = new URL(upstreamRaw)
+      if (upstreamUrl.username !== '' || upstreamUrl.password !== '' || upstreamUrl.search !== '' || upstreamUrl.hash !== '') {
+        problems.push({ variable: 'EHR_UPSTREAM_URL', message: 'must not contain credentials, a query or a fragment (use EHR_API_KEY)' })
+      }
+    } catch {
+      problems.push({ variable: 'EHR_UPSTREAM_URL', message: 'is not a valid URL' })
+    }
+  }
+
+  const trustedProxies = (str('TRUSTED_PROXIES') ?? '').split(',').map(s => s.trim()).filter(s => s !== '')
+  const badCidrs = trustedProxies.filter(c => !isCidr(c))
+  if (badCidrs.length > 0) {
+    problems.push({ variable: 'TRUSTED_PROXIES', message: `not IP addresses or CIDRs: ${badCidrs.join(', ')}` })
+  }
+
+  const windowMs = parseDuration(str('RATE_LIMIT_WINDOW') ?? '1 minute')
+  if (windowMs === undefined || windowMs < 1000) {
+    problems.push({ variable: 'RATE_LIMIT_WINDOW', message: "must be a duration of at least 1 second, like '1 minute' or '30s'" })
+  }
+
+  let kek: Secret | undefined
+  const kekRaw = str('TOKEN_KEY_ENCRYPTION_KEY')
+  if (kekRaw !== undefined) {
+    if (decodeKek(kekRaw) === undefined) {
+      problems.push({ variable: 'TOKEN_KEY_ENCRYPTION_KEY', message: 'must be 32 random bytes in base64 (openssl rand -base64 32)' })
+    } else {
+      kek = new Secret(kekRaw)
+    }
+  } else if (needs.has('tokenKeys')) {
+    if (production || options.devKeyEncryptionKey === undefined) {
+      problems.push({ variable: 'TOKEN_KEY_ENCRYPTION_KEY', message: 'is required (openssl rand -base64 32)' })
+    } else {
+      kek = new Secret(options.devKeyEncryptionKey())
+    }
+  }
+
+  if (problems.length > 0) throw new ConfigError(problems)
+
+  const gatewayHost = str('GATEWAY_HOST') ?? '0.0.0.0'
+  const gatewayPort = num('GATEWAY_PORT')
+  const proxyPrefix = str('PROXY_PREFIX') ?? '/fhir'
+  // "Derived from the listener": a wildcard bind address names no host, so use ours.
+  const publicHost = ['0.0.0.0', '::', '[::]'].includes(gatewayHost) ? hostname() : gatewayHost
+  const issuer = str('TOKEN_ISSUER') ?? `https://${publicHost}:${gatewayPort}`
+  const databaseUrl = str('DATABASE_URL')
+  const apiKey = str('EHR_API_KEY')
+
+  const config: Config = {
+    nodeEnv,
+    database: {
+      url: databaseUrl === undefined ? undefined : new Secret(databaseUrl, maskUrlPassword(databaseUrl)),
+      poolMax: num('DATABASE_POOL_MAX')
+    },
+    gateway: {
+      host: gatewayHost,
+      port: gatewayPort,
+      trustedProxies,
+      bodyLimitBytes: num('BODY_LIMIT_BYTES'),
+      shutdownGraceMs: num('SHUTDOWN_GRACE_MS')
+    },
+    ops: { host: str('OPS_HOST') ?? '127.0.0.1', port: num('OPS_PORT') },
+    tls: {
+      certFile: str('TLS_CERT_FILE'),
+      keyFile: str('TLS_KEY_FILE'),
+      clientCaFile: str('TLS_CLIENT_CA_FILE')
+    },
+    upstream: {
+      url: upstreamUrl,
+      proxyPrefix,
+      apiKey: apiKey === undefined ? undefined : new Secret(apiKey),
+      apiKeyHeader: (str('EHR_API_KEY_HEADER') ?? 'x-api-key').toLowerCase(),
+      connections: num('UPSTREAM_CONNECTIONS'),
+      connectTimeoutMs: num('UPSTREAM_CONNECT_TIMEOUT_MS'),
+      headersTimeoutMs: num('UPSTREAM_HEADERS_TIMEOUT_MS'),
+      bodyTimeoutMs: num('UPSTREAM_BODY_TIMEOUT_MS')
+    },
+    tokens: {
+      issuer,
+      audience: str('TOKEN_AUDIENCE') ?? `${issuer}${proxyPrefix}`,
+      ttlSeconds: num('TOKEN_TTL_SECONDS'),
+      alg: (str('TOKEN_ALG') ?? 'EdDSA') as 'EdDSA' | 'ES256',
+      clockToleranceSeconds: num('TOKEN_CLOCK_TOLERANCE_SECONDS'),
+      keyEncryptionKey: kek
+    },
+    registry: { cacheTtlMs: num('REGISTRY_CACHE_TTL_MS') },
+    rateLimit: { max: num('RATE_LIMIT_MAX'), windowMs: windowMs ?? 60_000 },
+    log: { level: str('LOG_LEVEL') ?? 'info' }
+  }
+  return deepFreeze(config)
+}
+
+export function loadGatewayConfig (env: Env, options: Omit<LoadOptions, 'needs'> = {}): GatewayConfig {
+  // Safe: GATEWAY_NEEDS makes loadConfig throw unless every narrowed field is present.
+  return loadConfig(env, { ...options, needs: GATEWAY_NEEDS }) as GatewayConfig
+}
+
+export function keyEncryptionKeyBytes (secret: Secret): Buffer {
+  const key = decodeKek(secret.reveal())
+  /* c8 ignore next */
+  if (key === undefined) throw new Error('TOKEN_KEY_ENCRYPTION_KEY was validated at load')
+  return key
+}
+
+function deepFreeze<T> (value: T): T {
+  if (value !== null && typeof value === 'object' && !(value instanceof Secret) && !(value instanceof URL)) {
+    for (const v of Object.values(value)) deepFreeze(v)
+    Object.freeze(value)
+  }
+  return value
+}

