@@ -60,6 +60,9 @@ export const errorSpecs = {
   BODY_TOO_LARGE: spec(413, 'Request body too large',
     'the request body exceeds %s bytes',
     'Send a smaller body or raise BODY_LIMIT_BYTES.'),
+  UNSUPPORTED_MEDIA_TYPE: spec(415, 'Unsupported media type',
+    'this endpoint does not accept that content type',
+    'Send JSON or application/x-www-form-urlencoded to POST /v1/token.'),
   RATE_LIMITED: spec(429, 'Too many requests',
     'this machine exceeded its rate limit; retry in %s seconds',
     'Slow down, or raise RATE_LIMIT_MAX / RATE_LIMIT_WINDOW.'),
@@ -146,6 +149,13 @@ export class GatewayError extends Error {
     this.statusCode = s.status
     this.title = s.title
     this.headers = options.headers ?? {}
+  }
+
+  // The same failure, answered with extra headers (e.g. a WWW-Authenticate challenge).
+  withHeaders (headers: Record<string, string>): GatewayError {
+    const copy = new GatewayError(this.code, [], { cause: this.cause ?? this, headers: { ...this.headers, ...headers } })
+    copy.message = this.message
+    return copy
   }
 }
 

@@ -1,0 +1,161 @@
+import { randomUUID } from 'node:crypto'
+import type { Writable } from 'node:stream'
+import helmet from '@fastify/helmet'
+import rateLimit from '@fastify/rate-limit'
+import Fastify from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import type { Sql } from 'postgres'
+import type { GatewayConfig } from '../shared/config.js'
+import { keyEncryptionKeyBytes } from '../shared/config.js'
+import { GatewayError, toProblem } from '../shared/errors.js'
+import type { ErrorCode } from '../shared/errors.js'
+import { createMetrics } from './metrics.js'
+import type { Metrics } from './metrics.js'
+import { MachineRegistry } from './registry.js'
+import { proxyRoutes } from './routes/proxy.js'
+import { tokenRoutes } from './routes/token.js'
+import { wellKnownRoutes } from './routes/well-known.js'
+import { SigningKeys } from './signing-keys.js'
+import { loadTlsOptions } from './tls.js'
+import type { GatewayTlsOptions } from './tls.js'
+import { TokenService } from './tokens.js'
+import type { UpstreamDispatcher } from './upstream.js'
+
+export interface GatewayDeps {
+  readonly sql: Sql
+  readonly upstream: UpstreamDispatcher
+  // Milliseconds since the epoch; tests move time instead of waiting for it.
+  readonly clock?: () => number
+  readonly logStream?: Writable
+  readonly tls?: GatewayTlsOptions
+}
+
+export interface GatewayParts {
+  readonly registry: MachineRegistry
+  readonly keys: SigningKeys
+  readonly tokens: TokenService
+  readonly metrics: Metrics
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    gateway: GatewayParts
+  }
+  interface FastifyRequest {
+    errorCode: ErrorCode | null
+  }
+}
+
+// STYLE §7: credentials never reach the log, whichever object carries them.
+export function redactPaths (apiKeyHeader: string): string[] {
+  return [
+    'req.headers.authorization', 'req.headers.cookie', 'req.headers.dpop',
+    `req.headers["${apiKeyHeader}"]`, 'res.headers["set-cookie"]',
+    'access_token', '*.access_token', 'token', '*.token', 'apiKey', '*.apiKey'
+  ]
+}
+
+// Query values can be patient data (`Patient?name=…`); logs keep only the parameter names.
+export function withoutQueryValues (url: string): string {
+  const q = url.indexOf('?')
+  if (q === -1) return url
+  const names = url.slice(q + 1).split('&').map(p => p.split('=')[0]).filter(n => n !== '')
+  return url.slice(0, q) + (names.length === 0 ? '' : '?' + names.map(n => `${n}=`).join('&'))
+}
+
+function toGatewayError (err: FastifyError | GatewayError | Error): GatewayError {
+  if (err instanceof GatewayError) return err
+  const fe = err as FastifyError
+  const status = fe.statusCode ?? 500
+  if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return new GatewayError('BODY_TOO_LARGE', ['the limit'], { cause: err })
+  if (fe.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return new GatewayError('UNSUPPORTED_MEDIA_TYPE', [], { cause: err })
+  if (status >= 400 && status < 500) return new GatewayError('BAD_REQUEST', ['the request body or headers are malformed'], { cause: err })
+  return new GatewayError('INTERNAL_ERROR', [], { cause: err })
+}
+
+function sendProblem (err: GatewayError, request: FastifyRequest, reply: FastifyReply): FastifyReply {
+  request.errorCode = err.code
+  return reply
+    .code(err.statusCode)
+    .headers(err.headers)
+    .type('application/problem+json')
+    .send(toProblem(err, request.id))
+}
+
+// The gateway as a Fastify instance that never listens by itself (STYLE §1): gateway/server.ts
+// owns the process, tests listen on port 0.
+export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): Promise<FastifyInstance> {
+  const clock = deps.clock ?? Date.now
+  const tls = deps.tls ?? loadTlsOptions(config)
+  const app = Fastify({
+    https: tls,
+    trustProxy: config.gateway.trustedProxies.length > 0 ? [...config.gateway.trustedProxies] : false,
+    bodyLimit: config.gateway.bodyLimitBytes,
+    requestTimeout: 120_000,
+    maxParamLength: 1000,
+    genReqId: () => randomUUID(),
+    // A client-chosen request id would let it forge correlation in our logs.
+    requestIdHeader: false,
+    logger: {
+      level: config.log.level,
+      redact: { paths: redactPaths(config.upstream.apiKeyHeader), censor: '[redacted]' },
+      serializers: {
+        req: (req: FastifyRequest) => ({ method: req.method, url: withoutQueryValues(req.url), remoteAddress: req.ip })
+      },
+      ...(deps.logStream === undefined ? {} : { stream: deps.logStream })
+    }
+  })
+
+  const metrics = createMetrics()
+  const registry = new MachineRegistry(deps.sql, { ttlMs: config.registry.cacheTtlMs, now: clock })
+  const keys = new SigningKeys(deps.sql, {
+    kek: keyEncryptionKeyBytes(config.tokens.keyEncryptionKey),
+    alg: config.tokens.alg,
+    graceSeconds: config.tokens.ttlSeconds + config.tokens.clockToleranceSeconds,
+    now: clock
+  })
+  await registry.listen()
+  await keys.start()
+  app.addHook('onClose', async () => {
+    await registry.close()
+    await keys.close()
+  })
+  const tokens = new TokenService(keys, config.tokens, clock)
+  app.decorate('gateway', { registry, keys, tokens, metrics })
+  app.decorateRequest('machine', null)
+  app.decorateRequest('certThumbprint', null)
+  app.decorateRequest('tokenId', null)
+  app.decorateRequest('errorCode', null)
+
+  app.setErrorHandler((err: FastifyError | GatewayError, request, reply) => {
+    const gw = toGatewayError(err)
+    if (gw.statusCode >= 500) request.log.error({ err, code: gw.code }, gw.message)
+    else request.log.info({ code: gw.code, reason: gw.message }, 'request refused')
+    return sendProblem(gw, request, reply)
+  })
+  app.setNotFoundHandler((request, reply) => sendProblem(new GatewayError('NOT_FOUND', [request.method, withoutQueryValues(request.url)]), request, reply))
+
+  app.addHook('onSend', async (request, reply) => {
+    reply.header('x-request-id', request.id)
+  })
+  app.addHook('onResponse', async (request, reply) => {
+    const route = request.routeOptions.url ?? 'unmatched'
+    metrics.requests.inc({ route, method: request.method, status: String(reply.statusCode), code: request.errorCode ?? '' })
+    metrics.duration.observe({ route }, reply.elapsedTime / 1000)
+  })
+
+  // HSTS and the rest of helmet's defaults on every response, errors included.
+  await app.register(helmet, { global: true })
+  await app.register(rateLimit, {
+    global: false,
+    hook: 'preHandler', // after identify, so the key is the machine, not the address
+    keyGenerator: (request: FastifyRequest) => request.machine?.id ?? request.ip,
+    errorResponseBuilder: (_request, context) => new GatewayError('RATE_LIMITED', [Math.ceil(context.ttl / 1000)])
+  })
+  const rateLimitOptions = { max: config.rateLimit.max, timeWindow: config.rateLimit.windowMs }
+
+  await app.register(wellKnownRoutes, { keys, config })
+  await app.register(tokenRoutes, { registry, tokens, metrics, rateLimit: rateLimitOptions })
+  await app.register(proxyRoutes, { config, registry, tokens, upstream: deps.upstream, metrics, rateLimit: rateLimitOptions })
+  return app
+}

@@ -1,0 +1,82 @@
+import type { TLSSocket } from 'node:tls'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { certificateThumbprint } from '../shared/certificates.js'
+import type { Machine } from '../shared/db/machines.js'
+import { GatewayError } from '../shared/errors.js'
+import type { MachineRegistry } from './registry.js'
+import type { TokenService } from './tokens.js'
+import { normaliseIp } from './tokens.js'
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    machine: Machine | null
+    certThumbprint: string | null
+    tokenId: string | null
+  }
+}
+
+type PeerVerdict = { readonly thumbprint: string } | { readonly error: GatewayError }
+
+// The certificate does not change for the life of a TLS connection, so its verdict and
+// fingerprint are computed once per socket, not per keep-alive request.
+const verdicts = new WeakMap<TLSSocket, PeerVerdict>()
+
+function peerVerdict (socket: TLSSocket): PeerVerdict {
+  let verdict = verdicts.get(socket)
+  if (verdict === undefined) {
+    const cert = typeof socket.getPeerX509Certificate === 'function' ? socket.getPeerX509Certificate() : undefined
+    if (cert === undefined) {
+      verdict = { error: new GatewayError('CLIENT_CERT_REQUIRED') }
+    } else if (!socket.authorized) {
+      // OpenSSL's reason, e.g. CERT_HAS_EXPIRED or UNABLE_TO_VERIFY_LEAF_SIGNATURE
+      const reason = socket.authorizationError instanceof Error ? socket.authorizationError.message : String(socket.authorizationError)
+      verdict = { error: new GatewayError('CLIENT_CERT_UNTRUSTED', [reason]) }
+    } else {
+      verdict = { thumbprint: certificateThumbprint(cert.raw) }
+    }
+    verdicts.set(socket, verdict)
+  }
+  return verdict
+}
+
+// onRequest hook for routes that need a registered machine (request path step 2).
+export function identify (registry: MachineRegistry) {
+  return async function identifyMachine (request: FastifyRequest): Promise<void> {
+    const socket = request.raw.socket as TLSSocket
+    const verdict = peerVerdict(socket)
+    if ('error' in verdict) throw verdict.error
+    const machine = await registry.lookup(verdict.thumbprint)
+    if (machine === null) throw new GatewayError('MACHINE_NOT_REGISTERED')
+    if (machine.revokedAt !== null) throw new GatewayError('MACHINE_REVOKED', [machine.name])
+    request.machine = machine
+    request.certThumbprint = verdict.thumbprint
+  }
+}
+
+const BEARER = /^Bearer +([A-Za-z0-9._~+/-]+=*) *$/i
+const challenge = (error?: string): Record<string, string> => ({
+  'www-authenticate': error === undefined ? 'Bearer realm="ehr-gateway"' : `Bearer realm="ehr-gateway", error="${error}"`
+})
+
+// onRequest hook after identify (request path step 3): a valid token of this gateway,
+// issued to this machine's certificate, used from the address it was issued to.
+export function requireToken (tokens: TokenService) {
+  return async function verifyAccessToken (request: FastifyRequest, _reply: FastifyReply): Promise<void> {
+    const header = request.headers.authorization
+    if (header === undefined) throw new GatewayError('TOKEN_MISSING', [], { headers: challenge() })
+    const match = BEARER.exec(header)
+    if (match === null) throw new GatewayError('TOKEN_MISSING', [], { headers: challenge('invalid_request') })
+    let claims
+    try {
+      claims = await tokens.verify(match[1] as string)
+    } catch (err) {
+      throw err instanceof GatewayError ? err.withHeaders(challenge('invalid_token')) : err
+    }
+    const machine = request.machine as Machine
+    if (claims.cnf['x5t#S256'] !== request.certThumbprint || claims.sub !== machine.id) {
+      throw new GatewayError('TOKEN_WRONG_MACHINE', [], { headers: challenge('invalid_token') })
+    }
+    if (claims.ip !== normaliseIp(request.ip)) throw new GatewayError('TOKEN_WRONG_IP', [], { headers: challenge('invalid_token') })
+    request.tokenId = claims.jti
+  }
+}

@@ -1,0 +1,42 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+
+// One registry per gateway instance (not prom-client's global), so several instances in one
+// process — tests, workers — never mix their numbers.
+export function createMetrics () {
+  const registry = new Registry()
+  collectDefaultMetrics({ register: registry, prefix: 'ehr_gateway_process_' })
+  const requests = new Counter({
+    name: 'ehr_gateway_requests_total',
+    help: 'Requests answered, by route, method, status and error code',
+    labelNames: ['route', 'method', 'status', 'code'] as const,
+    registers: [registry]
+  })
+  const duration = new Histogram({
+    name: 'ehr_gateway_request_duration_seconds',
+    help: 'Time from request to response, by route',
+    labelNames: ['route'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [registry]
+  })
+  const upstreamDuration = new Histogram({
+    name: 'ehr_gateway_upstream_duration_seconds',
+    help: 'Time until the EHR answered with headers',
+    labelNames: ['status'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [registry]
+  })
+  const tokensIssued = new Counter({
+    name: 'ehr_gateway_tokens_issued_total',
+    help: 'Access tokens issued',
+    registers: [registry]
+  })
+  const registryLookups = new Gauge({
+    name: 'ehr_gateway_registry_lookups',
+    help: 'Machine registry lookups since start, by cache result',
+    labelNames: ['result'] as const,
+    registers: [registry]
+  })
+  return { registry, requests, duration, upstreamDuration, tokensIssued, registryLookups }
+}
+
+export type Metrics = ReturnType<typeof createMetrics>

@@ -1,0 +1,144 @@
+import { randomUUID } from 'node:crypto'
+import { SignJWT, errors as joseErrors, jwtVerify } from 'jose'
+import type { JWTHeaderParameters, JWTPayload } from 'jose'
+import type { Config } from '../shared/config.js'
+import type { Machine } from '../shared/db/machines.js'
+import { GatewayError } from '../shared/errors.js'
+import { Lru } from './lru.js'
+import type { SigningKeys } from './signing-keys.js'
+
+export const TOKEN_TYPE = 'at+jwt' // RFC 9068 §2.1
+const ALGORITHMS = ['EdDSA', 'ES256']
+
+export interface AccessTokenClaims {
+  readonly iss: string
+  readonly aud: string
+  readonly sub: string // machine id
+  readonly client_id: string // machine name (RFC 9068 §2.2)
+  readonly iat: number
+  readonly nbf: number
+  readonly exp: number
+  readonly jti: string
+  readonly cnf: { readonly 'x5t#S256': string } // RFC 8705 §3.1
+  readonly ip: string
+}
+
+export interface IssuedToken { readonly token: string, readonly claims: AccessTokenClaims }
+
+// An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d; it is the same
+// client and must bind the same.
+export function normaliseIp (ip: string): string {
+  return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice(7) : ip
+}
+
+export class TokenService {
+  readonly #keys: SigningKeys
+  readonly #config: Config['tokens']
+  readonly #now: () => number
+  // Verifying a signature costs ~300 µs through jose's WebCrypto path; a token is reused for
+  // many requests, so its verified claims are kept until it expires. Only the signature is
+  // cached: expiry, machine, certificate and IP are checked on every request.
+  readonly #verified = new Lru<string, AccessTokenClaims>(10_000)
+
+  constructor (keys: SigningKeys, config: Config['tokens'], now: () => number) {
+    this.#keys = keys
+    this.#config = config
+    this.#now = now
+  }
+
+  async issue (machine: Machine, thumbprint: string, ip: string): Promise<IssuedToken> {
+    const key = this.#keys.current()
+    const iat = Math.floor(this.#now() / 1000)
+    const claims: AccessTokenClaims = {
+      iss: this.#config.issuer,
+      aud: this.#config.audience,
+      sub: machine.id,
+      client_id: machine.name,
+      iat,
+      nbf: iat,
+      exp: iat + this.#config.ttlSeconds,
+      jti: randomUUID(),
+      cnf: { 'x5t#S256': thumbprint },
+      ip: normaliseIp(ip)
+    }
+    const token = await new SignJWT({ ...claims })
+      .setProtectedHeader({ alg: key.alg, kid: key.kid, typ: TOKEN_TYPE })
+      .sign(key.privateKey)
+    return { token, claims }
+  }
+
+  // Signature, algorithm, kid, typ, iss, aud and time; the caller checks the bindings.
+  async verify (token: string): Promise<AccessTokenClaims> {
+    const nowSeconds = this.#now() / 1000
+    const cached = this.#verified.get(token)
+    if (cached !== undefined) {
+      this.#checkTime(cached, nowSeconds)
+      return cached
+    }
+    let payload: JWTPayload
+    try {
+      ({ payload } = await jwtVerify(token, async (header: JWTHeaderParameters) => {
+        const known = header.kid === undefined ? undefined : await this.#keys.verificationKey(header.kid)
+        if (known === undefined) throw new GatewayError('TOKEN_INVALID', ['signed by an unknown or retired key'])
+        if (known.alg !== header.alg) throw new GatewayError('TOKEN_INVALID', ['algorithm does not match the key'])
+        return known.key
+      }, {
+        algorithms: ALGORITHMS,
+        typ: TOKEN_TYPE,
+        issuer: this.#config.issuer,
+        audience: this.#config.audience,
+        clockTolerance: this.#config.clockToleranceSeconds,
+        currentDate: new Date(this.#now()),
+        requiredClaims: ['sub', 'exp', 'iat', 'jti', 'cnf', 'ip', 'client_id']
+      }))
+    } catch (err) {
+      throw translateJoseError(err)
+    }
+    const claims = asClaims(payload)
+    this.#verified.set(token, claims)
+    return claims
+  }
+
+  #checkTime (claims: AccessTokenClaims, nowSeconds: number): void {
+    const tolerance = this.#config.clockToleranceSeconds
+    if (nowSeconds - tolerance >= claims.exp) {
+      throw new GatewayError('TOKEN_EXPIRED')
+    }
+    if (nowSeconds + tolerance < claims.nbf) throw new GatewayError('TOKEN_NOT_YET_VALID')
+  }
+}
+
+function asClaims (payload: JWTPayload): AccessTokenClaims {
+  const cnf = payload['cnf'] as Record<string, unknown> | undefined
+  const thumbprint = cnf?.['x5t#S256']
+  if (typeof thumbprint !== 'string' || typeof payload['ip'] !== 'string' || typeof payload['client_id'] !== 'string' || typeof payload.aud !== 'string') {
+    throw new GatewayError('TOKEN_INVALID', ['required claims are missing or malformed'])
+  }
+  return {
+    iss: payload.iss as string,
+    aud: payload.aud,
+    sub: payload.sub as string,
+    client_id: payload['client_id'],
+    iat: payload.iat as number,
+    nbf: payload.nbf ?? (payload.iat as number),
+    exp: payload.exp as number,
+    jti: payload.jti as string,
+    cnf: { 'x5t#S256': thumbprint },
+    ip: payload['ip']
+  }
+}
+
+// STYLE §3: jose's errors become our codes at the boundary, keeping the cause for the log.
+export function translateJoseError (err: unknown): GatewayError {
+  if (err instanceof GatewayError) return err
+  const options = { cause: err }
+  if (err instanceof joseErrors.JWTExpired) return new GatewayError('TOKEN_EXPIRED', [], options)
+  if (err instanceof joseErrors.JWTClaimValidationFailed) {
+    if (err.claim === 'aud') return new GatewayError('TOKEN_WRONG_AUDIENCE', [], options)
+    if (err.claim === 'nbf' || err.claim === 'iat') return new GatewayError('TOKEN_NOT_YET_VALID', [], options)
+    return new GatewayError('TOKEN_INVALID', [`${err.claim} claim rejected`], options)
+  }
+  if (err instanceof joseErrors.JOSEAlgNotAllowed) return new GatewayError('TOKEN_INVALID', ['algorithm not allowed'], options)
+  if (err instanceof joseErrors.JWSSignatureVerificationFailed) return new GatewayError('TOKEN_INVALID', ['signature does not verify'], options)
+  return new GatewayError('TOKEN_INVALID', ['not a well-formed signed JWT'], options)
+}

@@ -1,0 +1,121 @@
+import type { IncomingHttpHeaders } from 'node:http'
+import type { Readable } from 'node:stream'
+import { Pool } from 'undici'
+import type { Dispatcher } from 'undici'
+import type { GatewayConfig } from '../shared/config.js'
+import { GatewayError } from '../shared/errors.js'
+
+export function createUpstreamPool (config: GatewayConfig): Pool {
+  return new Pool(config.upstream.url.origin, {
+    connections: config.upstream.connections,
+    keepAliveTimeout: 30_000,
+    connect: { timeout: config.upstream.connectTimeoutMs },
+    headersTimeout: config.upstream.headersTimeoutMs,
+    bodyTimeout: config.upstream.bodyTimeoutMs
+  })
+}
+
+// RFC 9110 §7.6.1 hop-by-hop headers, plus what must never cross the gateway: the
+// client's own credentials (the upstream gets ours), proof headers, and forwarded identity
+// headers that a client could use to impersonate a proxy.
+const REQUEST_DROP = new Set([
+  'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization',
+  'te', 'trailer', 'transfer-encoding', 'upgrade', 'host', 'expect',
+  'authorization', 'cookie', 'dpop',
+  'x-forwarded-client-cert', 'x-ssl-client-cert', 'x-client-cert', 'ssl-client-cert',
+  'forwarded', 'x-forwarded-for', 'x-forwarded-host', 'x-forwarded-proto', 'x-real-ip', 'x-request-id'
+])
+const RESPONSE_DROP = new Set([
+  'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer',
+  'transfer-encoding', 'upgrade'
+])
+
+// Header names a `Connection` header lists are hop-by-hop for this message too (§7.6.1).
+function connectionListed (value: string | string[] | undefined): Set<string> | undefined {
+  if (value === undefined) return undefined
+  const names = (Array.isArray(value) ? value.join(',') : value).split(',')
+  return new Set(names.map(n => n.trim().toLowerCase()).filter(n => n !== ''))
+}
+
+export function upstreamRequestHeaders (incoming: IncomingHttpHeaders, apiKeyHeader: string, apiKey: string | undefined, requestId: string): Record<string, string | string[]> {
+  const listed = connectionListed(incoming.connection)
+  const out: Record<string, string | string[]> = {}
+  for (const name in incoming) {
+    const value = incoming[name]
+    if (value === undefined || REQUEST_DROP.has(name) || name === apiKeyHeader || listed?.has(name) === true) continue
+    out[name] = value
+  }
+  if (apiKey !== undefined) out[apiKeyHeader] = apiKey
+  out['x-request-id'] = requestId
+  return out
+}
+
+export function clientResponseHeaders (upstream: IncomingHttpHeaders): Record<string, string | string[]> {
+  const listed = connectionListed(upstream.connection)
+  const out: Record<string, string | string[]> = {}
+  for (const name in upstream) {
+    const value = upstream[name]
+    if (value === undefined || RESPONSE_DROP.has(name) || listed?.has(name) === true) continue
+    out[name] = value
+  }
+  return out
+}
+
+// Maps `/fhir/Patient/1?x=y` to `<base>/Patient/1?x=y`, or undefined when the path could
+// escape the upstream base path or mean different things to different parsers: dot
+// segments (also percent-encoded), encoded `/` or `\`, empty segments (`//host` tricks),
+// control characters, or invalid percent-encoding. The path is forwarded still encoded,
+// exactly as the client sent it, so the upstream sees what we checked.
+export function upstreamPath (rawUrl: string, prefix: string, basePath: string): string | undefined {
+  const q = rawUrl.indexOf('?')
+  const path = q === -1 ? rawUrl : rawUrl.slice(0, q)
+  const query = q === -1 ? '' : rawUrl.slice(q)
+  if (!path.startsWith(prefix)) return undefined
+  const rest = path.slice(prefix.length)
+  if (rest !== '' && !rest.startsWith('/')) return undefined
+  if (/[\u0000-\u001f\u007f\\#]/.test(rawUrl)) return undefined
+  const segments = rest.split('/').slice(1)
+  for (let i = 0; i < segments.length; i++) {
+    const segment = segments[i] as string
+    if (segment === '') {
+      if (i === segments.length - 1) continue // a trailing slash is harmless
+      return undefined
+    }
+    let decoded: string
+    try {
+      decoded = decodeURIComponent(segment)
+    } catch {
+      return undefined
+    }
+    if (decoded === '.' || decoded === '..' || /[/\\\u0000-\u001f\u007f]/.test(decoded)) return undefined
+  }
+  return basePath.replace(/\/+$/, '') + rest + query
+}
+
+// The request body, streamed to the upstream, cut off with a 413 once it passes the limit
+// (Content-Length is checked before we connect; this catches chunked bodies).
+export async function * limitBody (body: Readable, limit: number): AsyncGenerator<Buffer> {
+  let seen = 0
+  for await (const chunk of body) {
+    seen += (chunk as Buffer).length
+    if (seen > limit) throw new GatewayError('BODY_TOO_LARGE', [limit])
+    yield chunk as Buffer
+  }
+}
+
+const CONNECT_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ECONNRESET'])
+const TIMEOUT_CODES = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'UND_ERR_CONNECT_TIMEOUT', 'ETIMEDOUT'])
+
+// STYLE §3: undici's failures become our codes; the cause stays for the log, never the
+// client (it would name internal hosts and ports).
+export function translateUpstreamError (err: unknown, responded: boolean): GatewayError {
+  if (err instanceof GatewayError) return err
+  const cause = (err as { cause?: unknown }).cause
+  if (cause instanceof GatewayError) return cause
+  const code = (err as { code?: string }).code ?? ''
+  if (TIMEOUT_CODES.has(code)) return new GatewayError('UPSTREAM_TIMEOUT', [], { cause: err })
+  if (!responded && CONNECT_CODES.has(code)) return new GatewayError('UPSTREAM_UNAVAILABLE', [], { cause: err })
+  return new GatewayError('UPSTREAM_ERROR', [], { cause: err })
+}
+
+export type UpstreamDispatcher = Pick<Dispatcher, 'request'>
