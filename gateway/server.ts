@@ -21,9 +21,9 @@ async function main (): Promise<void> {
   const pool = createUpstreamPool(config)
   const app = await buildGateway(config, { sql: db.sql, upstream: pool })
   const ops = buildOps(app.gateway, db.sql)
-  await app.listen({ host: config.gateway.host, port: config.gateway.port })
-  await ops.listen({ host: config.ops.host, port: config.ops.port })
-  app.log.info({ ops: `http://${config.ops.host}:${config.ops.port}`, upstream: config.upstream.url.origin }, 'ehr-gateway ready')
+  const listening = await app.listen({ host: config.gateway.host, port: config.gateway.port })
+  const opsListening = await ops.listen({ host: config.ops.host, port: config.ops.port })
+  app.log.info({ gateway: listening, ops: opsListening, upstream: config.upstream.url.origin }, 'ehr-gateway ready')
 
   let closing = false
   const shutdown = (signal: string): void => {

@@ -1,0 +1,123 @@
+import { randomBytes } from 'node:crypto'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { inspect } from 'node:util'
+import t from 'tap'
+import { ConfigError, GATEWAY_NEEDS, loadConfig, loadGatewayConfig } from '../../shared/config.js'
+import type { Env } from '../../shared/config.js'
+
+const kek = randomBytes(32).toString('base64')
+const full: Env = {
+  DATABASE_URL: 'postgres://gw:s3cretpw@db.internal:5432/ehr',
+  TLS_CERT_FILE: '/etc/gw/server.crt',
+  TLS_KEY_FILE: '/etc/gw/server.key',
+  TLS_CLIENT_CA_FILE: '/etc/gw/ca.crt',
+  EHR_UPSTREAM_URL: 'https://ehr.example/fhir/R4',
+  EHR_API_KEY: 'the-api-key-value',
+  TOKEN_KEY_ENCRYPTION_KEY: kek
+}
+
+function problems (fn: () => unknown): Record<string, string> {
+  try {
+    fn()
+  } catch (err) {
+    if (err instanceof ConfigError) return Object.fromEntries(err.problems.map(p => [p.variable, p.message]))
+    throw err
+  }
+  return {}
+}
+
+t.test('defaults of the contract', async t => {
+  const config = loadGatewayConfig({ ...full, GATEWAY_HOST: 'gw.example' })
+  t.equal(config.gateway.port, 8443)
+  t.equal(config.gateway.host, 'gw.example')
+  t.equal(config.ops.host, '127.0.0.1')
+  t.equal(config.ops.port, 9090)
+  t.equal(config.upstream.proxyPrefix, '/fhir')
+  t.equal(config.upstream.apiKeyHeader, 'x-api-key')
+  t.equal(config.tokens.ttlSeconds, 300)
+  t.equal(config.tokens.issuer, 'https://gw.example:8443')
+  t.equal(config.tokens.audience, 'https://gw.example:8443/fhir')
+  t.equal(config.rateLimit.max, 600)
+  t.equal(config.rateLimit.windowMs, 60_000)
+  t.equal(config.log.level, 'info')
+  t.ok(Object.isFrozen(config) && Object.isFrozen(config.gateway) && Object.isFrozen(config.gateway.trustedProxies))
+})
+
+t.test('one error lists every problem by variable name, never a value', async t => {
+  const env: Env = {
+    GATEWAY_PORT: 'eighty',
+    OPS_PORT: '70000',
+    EHR_UPSTREAM_URL: 'ftp://nope',
+    TOKEN_KEY_ENCRYPTION_KEY: 'short-secret-value',
+    TRUSTED_PROXIES: '10.0.0.0/8,not-a-cidr',
+    RATE_LIMIT_WINDOW: 'whenever',
+    LOG_LEVEL: 'loud',
+    NODE_ENV: 'production'
+  }
+  let message = ''
+  try {
+    loadConfig(env, { needs: GATEWAY_NEEDS })
+  } catch (err) {
+    message = (err as Error).message
+  }
+  const found = problems(() => loadConfig(env, { needs: GATEWAY_NEEDS }))
+  for (const v of ['GATEWAY_PORT', 'OPS_PORT', 'EHR_UPSTREAM_URL', 'TOKEN_KEY_ENCRYPTION_KEY', 'TRUSTED_PROXIES', 'RATE_LIMIT_WINDOW', 'LOG_LEVEL', 'DATABASE_URL', 'TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CLIENT_CA_FILE']) {
+    t.ok(found[v] !== undefined, `${v} reported`)
+    t.match(message, v)
+  }
+  t.notMatch(message, 'short-secret-value')
+})
+
+t.test('each command needs only what it uses', async t => {
+  t.same(problems(() => loadConfig({ TLS_CLIENT_CA_FILE: '/ca.pem' }, { needs: ['database', 'clientCa'] })), {})
+  t.same(Object.keys(problems(() => loadConfig({}, { needs: ['clientCa'] }))), ['TLS_CLIENT_CA_FILE'])
+  t.same(Object.keys(problems(() => loadConfig({ NODE_ENV: 'production' }, { needs: ['database'] }))), ['DATABASE_URL'])
+  t.same(problems(() => loadConfig({}, { needs: ['database'] })), {}, 'development falls back to the embedded Postgres')
+  const dev = loadConfig({}, { needs: ['tokenKeys'], devKeyEncryptionKey: () => kek })
+  t.equal(dev.tokens.keyEncryptionKey?.reveal(), kek)
+  t.ok(problems(() => loadConfig({ NODE_ENV: 'production' }, { needs: ['tokenKeys'], devKeyEncryptionKey: () => kek }))['TOKEN_KEY_ENCRYPTION_KEY'])
+})
+
+t.test('<NAME>_FILE secrets and .env', async t => {
+  const dir = t.testdir({ 'api-key': 'from-a-file\n', '.env': 'EHR_API_KEY_HEADER=X-Key\nGATEWAY_PORT=9443\n' })
+  const { EHR_API_KEY: _omit, ...rest } = full
+  const config = loadGatewayConfig({ ...rest, EHR_API_KEY_FILE: join(dir, 'api-key') }, { dotenvPath: join(dir, '.env') })
+  t.equal(config.upstream.apiKey?.reveal(), 'from-a-file')
+  t.equal(config.upstream.apiKeyHeader, 'x-key')
+  t.equal(config.gateway.port, 9443, '.env fills what the environment leaves unset')
+  t.equal(loadGatewayConfig({ ...full, GATEWAY_PORT: '1234' }, { dotenvPath: join(dir, '.env') }).gateway.port, 1234, 'the environment wins over .env')
+  t.ok(problems(() => loadGatewayConfig({ ...full, EHR_API_KEY_FILE: join(dir, 'api-key') }))['EHR_API_KEY_FILE'], 'both set is refused')
+  t.match(problems(() => loadGatewayConfig({ ...rest, EHR_API_KEY_FILE: join(dir, 'missing') }))['EHR_API_KEY_FILE'], /ENOENT/)
+  t.ok(problems(() => loadGatewayConfig({ ...full, TLS_CERT_FILE_FILE: join(dir, 'api-key') })), 'no _FILE for non-secrets')
+  writeFileSync(join(dir, 'kek'), kek)
+  const { TOKEN_KEY_ENCRYPTION_KEY: _k, ...noKek } = full
+  t.equal(loadGatewayConfig({ ...noKek, TOKEN_KEY_ENCRYPTION_KEY_FILE: join(dir, 'kek') }).tokens.keyEncryptionKey?.reveal(), kek)
+  t.same(loadGatewayConfig(full, { dotenvPath: join(dir, 'no-such.env') }).gateway.port, 8443, 'a missing .env is fine')
+})
+
+t.test('secrets are redacted however the config is printed', async t => {
+  const config = loadGatewayConfig(full)
+  for (const shown of [JSON.stringify(config), inspect(config, { depth: 10 })]) {
+    t.notMatch(shown, 'the-api-key-value')
+    t.notMatch(shown, 's3cretpw')
+    t.notMatch(shown, kek)
+  }
+  t.match(JSON.stringify(config), 'postgres://gw:***@db.internal:5432/ehr')
+})
+
+t.test('features of later releases are refused, not silently ignored', async t => {
+  t.ok(problems(() => loadGatewayConfig({ ...full, TOKEN_SINGLE_USE: 'true' }))['TOKEN_SINGLE_USE'])
+  t.ok(problems(() => loadGatewayConfig({ ...full, TOKEN_SINGLE_USE: '1' }))['TOKEN_SINGLE_USE'])
+  t.same(problems(() => loadGatewayConfig({ ...full, TOKEN_SINGLE_USE: 'false', GATEWAY_WORKERS: '1' })), {})
+  t.ok(problems(() => loadGatewayConfig({ ...full, GOOGLE_APPLICATION_CREDENTIALS: '/sa.json' }))['GOOGLE_APPLICATION_CREDENTIALS'])
+})
+
+t.test('upstream URL and proxy prefix shapes', async t => {
+  t.ok(problems(() => loadGatewayConfig({ ...full, EHR_UPSTREAM_URL: 'https://user:pw@ehr.example/fhir' }))['EHR_UPSTREAM_URL'])
+  t.ok(problems(() => loadGatewayConfig({ ...full, EHR_UPSTREAM_URL: 'https://ehr.example/fhir?key=1' }))['EHR_UPSTREAM_URL'])
+  t.ok(problems(() => loadGatewayConfig({ ...full, PROXY_PREFIX: 'fhir' }))['PROXY_PREFIX'])
+  t.ok(problems(() => loadGatewayConfig({ ...full, PROXY_PREFIX: '/fhir/' }))['PROXY_PREFIX'])
+  t.equal(loadGatewayConfig({ ...full, PROXY_PREFIX: '/ehr/r4' }).upstream.proxyPrefix, '/ehr/r4')
+  t.same(loadGatewayConfig({ ...full, TRUSTED_PROXIES: '10.0.0.0/8, ::1, 192.168.1.1' }).gateway.trustedProxies, ['10.0.0.0/8', '::1', '192.168.1.1'])
+})
