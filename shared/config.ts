@@ -69,6 +69,8 @@ const schema = {
   }
 } as const
 
+export const VARIABLES: readonly string[] = Object.keys(schema.properties)
+
 // Secrets that may come from `<NAME>_FILE` instead (Docker/Kubernetes secrets). An explicit
 // list: a glob would let any `_FILE` variable make the gateway read arbitrary files.
 export const FILE_SECRETS = [

@@ -121,3 +121,12 @@ t.test('upstream URL and proxy prefix shapes', async t => {
   t.equal(loadGatewayConfig({ ...full, PROXY_PREFIX: '/ehr/r4' }).upstream.proxyPrefix, '/ehr/r4')
   t.same(loadGatewayConfig({ ...full, TRUSTED_PROXIES: '10.0.0.0/8, ::1, 192.168.1.1' }).gateway.trustedProxies, ['10.0.0.0/8', '::1', '192.168.1.1'])
 })
+
+t.test('.env.example names every variable of the schema, and only those', async t => {
+  const { readFile } = await import('node:fs/promises')
+  const { VARIABLES, FILE_SECRETS } = await import('../../shared/config.js')
+  const example = await readFile(new URL('../../.env.example', import.meta.url), 'utf8')
+  const named = new Set(example.match(/\b[A-Z][A-Z0-9_]{2,}\b/g) ?? [])
+  for (const v of VARIABLES) t.ok(named.has(v), `${v} in .env.example`)
+  for (const v of FILE_SECRETS) t.ok(VARIABLES.includes(v), `${v} is a schema variable`)
+})
