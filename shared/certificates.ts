@@ -25,7 +25,7 @@ export function parseCaBundle (pem: string, file: string): X509Certificate[] {
     if (certs.length === 0) throw new Error('no certificate')
     return certs
   } catch (err) {
-    throw new GatewayError('CERT_NOT_PEM', [file], { cause: err })
+    throw new GatewayError('CA_BUNDLE_INVALID', [file], { cause: err })
   }
 }
 

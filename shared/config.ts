@@ -151,7 +151,8 @@ export interface GatewayConfig extends Config {
   readonly tokens: Config['tokens'] & { readonly keyEncryptionKey: Secret }
 }
 
-interface Problem { variable: string, message: string }
+export interface ConfigProblem { readonly variable: string, readonly message: string }
+type Problem = ConfigProblem
 
 export class ConfigError extends GatewayError {
   readonly problems: readonly Problem[]

@@ -61,7 +61,7 @@ export function machinesRepository (sql: Sql) {
       const pg = err as PgError
       if (pg.code === '23505' && pg.constraint_name === 'machines_fingerprint_key') {
         const holder = await findByFingerprint(input.fingerprint)
-        throw new GatewayError('CERT_ALREADY_REGISTERED', [`${holder?.name ?? '?'}${holder?.revokedAt != null ? ' (revoked)' : ''}`], { cause: err })
+        throw new GatewayError('CERT_ALREADY_REGISTERED', [holder?.name ?? '?', holder?.revokedAt != null ? ' (revoked)' : ''], { cause: err })
       }
       if (pg.code === '23505' && pg.constraint_name === 'machines_active_name') {
         throw new GatewayError('MACHINE_NAME_TAKEN', [input.name], { cause: err })

@@ -1,0 +1,18 @@
+import type { SigningKeyRow } from '../../shared/db/signing-keys.js'
+
+// Never the row itself: it carries the encrypted private key, which no output should.
+export interface KeyView {
+  readonly kid: string
+  readonly alg: string
+  readonly state: 'current' | 'retired' | 'expired'
+  readonly createdAt: Date
+  readonly retiredAt: Date | null
+  // A retired key still verifies the tokens it signed until they can no longer be alive.
+  readonly verifiesUntil: Date | null
+}
+
+export function keyView (row: SigningKeyRow, ttlSeconds: number, now: Date): KeyView {
+  const verifiesUntil = row.retiredAt === null ? null : new Date(row.retiredAt.getTime() + ttlSeconds * 1000)
+  const state = verifiesUntil === null ? 'current' : verifiesUntil.getTime() > now.getTime() ? 'retired' : 'expired'
+  return { kid: row.kid, alg: row.alg, state, createdAt: row.createdAt, retiredAt: row.retiredAt, verifiesUntil }
+}
