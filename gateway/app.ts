@@ -92,7 +92,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     trustProxy: config.gateway.trustedProxies.length > 0 ? [...config.gateway.trustedProxies] : false,
     bodyLimit: config.gateway.bodyLimitBytes,
     requestTimeout: 120_000,
-    maxParamLength: 1000,
+    routerOptions: { maxParamLength: 1000 },
     genReqId: () => randomUUID(),
     // A client-chosen request id would let it forge correlation in our logs.
     requestIdHeader: false,
@@ -146,16 +146,19 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
 
   // HSTS and the rest of helmet's defaults on every response, errors included.
   await app.register(helmet, { global: true })
+  // One budget per machine across the token endpoint and every proxied route: route-level
+  // limits would each get a store of their own and multiply the allowance.
   await app.register(rateLimit, {
-    global: false,
+    global: true,
+    max: config.rateLimit.max,
+    timeWindow: config.rateLimit.windowMs,
     hook: 'preHandler', // after identify, so the key is the machine, not the address
     keyGenerator: (request: FastifyRequest) => request.machine?.id ?? request.ip,
     errorResponseBuilder: (_request, context) => new GatewayError('RATE_LIMITED', [Math.ceil(context.ttl / 1000)])
   })
-  const rateLimitOptions = { max: config.rateLimit.max, timeWindow: config.rateLimit.windowMs }
 
   await app.register(wellKnownRoutes, { keys, config })
-  await app.register(tokenRoutes, { registry, tokens, metrics, rateLimit: rateLimitOptions })
-  await app.register(proxyRoutes, { config, registry, tokens, upstream: deps.upstream, metrics, rateLimit: rateLimitOptions })
+  await app.register(tokenRoutes, { registry, tokens, metrics })
+  await app.register(proxyRoutes, { config, registry, tokens, upstream: deps.upstream, metrics })
   return app
 }

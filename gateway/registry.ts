@@ -18,7 +18,7 @@ export class MachineRegistry {
   readonly #ttlMs: number
   readonly #now: () => number
   readonly #cache = new Lru<string, Entry>(50_000)
-  readonly #inflight = new Map<string, Promise<Machine | null>>()
+  readonly #inflight = new Map<string, { readonly generation: number, readonly promise: Promise<Machine | null> }>()
   // Bumped by every invalidation, so a lookup that started before a revocation committed
   // cannot put its stale answer back in the cache.
   #generation = 0
@@ -55,16 +55,17 @@ export class MachineRegistry {
       return cached.machine
     }
     this.stats.misses++
-    let pending = this.#inflight.get(fingerprint)
-    if (pending === undefined) {
-      pending = this.#load(fingerprint)
-      this.#inflight.set(fingerprint, pending)
-    }
-    return await pending
+    // Join a lookup already under way only if no change was announced since it started:
+    // one begun before a revocation committed may still read the machine as active.
+    const pending = this.#inflight.get(fingerprint)
+    if (pending !== undefined && pending.generation === this.#generation) return await pending.promise
+    const generation = this.#generation
+    const promise = this.#load(fingerprint, generation)
+    this.#inflight.set(fingerprint, { generation, promise })
+    return await promise
   }
 
-  async #load (fingerprint: string): Promise<Machine | null> {
-    const generation = this.#generation
+  async #load (fingerprint: string, generation: number): Promise<Machine | null> {
     try {
       const machine = (await this.#repo.findByFingerprint(fingerprint)) ?? null
       if (generation === this.#generation) {
@@ -75,7 +76,7 @@ export class MachineRegistry {
       // Fail closed: no database, no admission.
       throw new GatewayError('DB_UNREACHABLE', ['machine registry lookup failed'], { cause: err })
     } finally {
-      this.#inflight.delete(fingerprint)
+      if (this.#inflight.get(fingerprint)?.generation === generation) this.#inflight.delete(fingerprint)
     }
   }
 }

@@ -7,7 +7,14 @@ import { decryptPrivateKey, generateSigningKey, publicKeyOf } from '../shared/ke
 import type { SigningAlg } from '../shared/keys.js'
 
 export interface CurrentKey { readonly kid: string, readonly alg: SigningAlg, readonly privateKey: KeyObject }
-export interface VerificationKey { readonly alg: SigningAlg, readonly key: KeyObject, readonly jwk: JWK }
+export interface VerificationKey {
+  readonly alg: SigningAlg
+  readonly key: KeyObject
+  readonly jwk: JWK
+  // When this key stops verifying: its retirement plus the longest a token it signed can
+  // live. Infinity for the current key.
+  readonly verifiesUntil: number
+}
 
 // The gateway's view of the signing keys in Postgres: the current key signs, every key whose
 // tokens may still be alive verifies. `ehrctl keys rotate` notifies, and every instance
@@ -24,6 +31,7 @@ export class SigningKeys {
   #verifying = new Map<string, VerificationKey>()
   #lastReload = 0
   #reloading: Promise<void> | undefined
+  #reloadAgain = false
   #unlisten: (() => Promise<void>) | undefined
 
   constructor (sql: Sql, options: { kek: Buffer, alg: SigningAlg, graceSeconds: number, now: () => number }) {
@@ -56,8 +64,24 @@ export class SigningKeys {
     return this.#current
   }
 
+  // A reload asked for while one runs is run again afterwards: the running one may have read
+  // the table before the change it is being told about committed.
   async reload (): Promise<void> {
-    this.#reloading ??= this.#load().finally(() => { this.#reloading = undefined })
+    if (this.#reloading !== undefined) {
+      this.#reloadAgain = true
+      await this.#reloading
+      return
+    }
+    this.#reloading = (async () => {
+      try {
+        do {
+          this.#reloadAgain = false
+          await this.#load()
+        } while (this.#reloadAgain)
+      } finally {
+        this.#reloading = undefined
+      }
+    })()
     await this.#reloading
   }
 
@@ -67,7 +91,8 @@ export class SigningKeys {
     const verifying = new Map<string, VerificationKey>()
     let current: SigningKeyRow | undefined
     for (const row of rows) {
-      verifying.set(row.kid, { alg: row.alg, key: publicKeyOf(row), jwk: row.publicJwk })
+      const verifiesUntil = row.retiredAt === null ? Infinity : row.retiredAt.getTime() + this.#graceSeconds * 1000
+      verifying.set(row.kid, { alg: row.alg, key: publicKeyOf(row), jwk: row.publicJwk, verifiesUntil })
       if (row.retiredAt === null) current = row
     }
     if (current !== undefined) {
@@ -79,14 +104,19 @@ export class SigningKeys {
   // The key for a token's kid, reloading at most once a second for kids not seen yet, so a
   // flood of tokens with made-up kids cannot turn into a flood of queries.
   async verificationKey (kid: string): Promise<VerificationKey | undefined> {
-    const known = this.#verifying.get(kid)
-    if (known !== undefined) return known
-    if (this.#now() - this.#lastReload < 1000) return undefined
-    await this.reload()
-    return this.#verifying.get(kid)
+    if (!this.#verifying.has(kid) && this.#now() - this.#lastReload >= 1000) await this.reload()
+    return this.verifies(kid) ? this.#verifying.get(kid) : undefined
+  }
+
+  // Whether tokens signed by `kid` are still acceptable now. A retired key stops at the end
+  // of its grace period by the clock, without waiting for the next reload.
+  verifies (kid: string): boolean {
+    const key = this.#verifying.get(kid)
+    return key !== undefined && this.#now() < key.verifiesUntil
   }
 
   jwks (): { keys: JWK[] } {
-    return { keys: [...this.#verifying.values()].map(k => k.jwk) }
+    const now = this.#now()
+    return { keys: [...this.#verifying.values()].filter(k => now < k.verifiesUntil).map(k => k.jwk) }
   }
 }

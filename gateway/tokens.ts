@@ -38,7 +38,7 @@ export class TokenService {
   // Verifying a signature costs ~300 µs through jose's WebCrypto path; a token is reused for
   // many requests, so its verified claims are kept until it expires. Only the signature is
   // cached: expiry, machine, certificate and IP are checked on every request.
-  readonly #verified = new Lru<string, AccessTokenClaims>(10_000)
+  readonly #verified = new Lru<string, { readonly kid: string, readonly claims: AccessTokenClaims }>(10_000)
 
   constructor (keys: SigningKeys, config: Config['tokens'], now: () => number) {
     this.#keys = keys
@@ -72,12 +72,15 @@ export class TokenService {
     const nowSeconds = this.#now() / 1000
     const cached = this.#verified.get(token)
     if (cached !== undefined) {
-      this.#checkTime(cached, nowSeconds)
-      return cached
+      // The key may have been retired out since the signature was checked.
+      if (!this.#keys.verifies(cached.kid)) throw new GatewayError('TOKEN_INVALID', ['signed by an unknown or retired key'])
+      this.#checkTime(cached.claims, nowSeconds)
+      return cached.claims
     }
     let payload: JWTPayload
+    let kid: string
     try {
-      ({ payload } = await jwtVerify(token, async (header: JWTHeaderParameters) => {
+      ({ payload, protectedHeader: { kid = '' } } = await jwtVerify(token, async (header: JWTHeaderParameters) => {
         const known = header.kid === undefined ? undefined : await this.#keys.verificationKey(header.kid)
         if (known === undefined) throw new GatewayError('TOKEN_INVALID', ['signed by an unknown or retired key'])
         if (known.alg !== header.alg) throw new GatewayError('TOKEN_INVALID', ['algorithm does not match the key'])
@@ -95,7 +98,12 @@ export class TokenService {
       throw translateJoseError(err)
     }
     const claims = asClaims(payload)
-    this.#verified.set(token, claims)
+    // A token living longer than we ever issue was not minted by this gateway's code, even
+    // if the key signed it (a leaked key): refuse it.
+    if (claims.exp - claims.iat > this.#config.ttlSeconds) {
+      throw new GatewayError('TOKEN_INVALID', ['lifetime exceeds TOKEN_TTL_SECONDS'])
+    }
+    this.#verified.set(token, { kid, claims })
     return claims
   }
 

@@ -16,7 +16,6 @@ interface ProxyRouteOptions {
   readonly tokens: TokenService
   readonly upstream: UpstreamDispatcher
   readonly metrics: Metrics
-  readonly rateLimit: { max: number, timeWindow: number }
 }
 
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const
@@ -69,10 +68,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
     await reply.send(response.body)
   }
 
-  const routeOptions = {
-    onRequest: [identify(options.registry), requireToken(options.tokens)],
-    config: { rateLimit: options.rateLimit }
-  }
+  const routeOptions = { onRequest: [identify(options.registry), requireToken(options.tokens)] }
   app.route({ method: [...METHODS], url: proxyPrefix, ...routeOptions, handler: forward })
   app.route({ method: [...METHODS], url: `${proxyPrefix}/*`, ...routeOptions, handler: forward })
 }

@@ -10,7 +10,6 @@ interface TokenRouteOptions {
   readonly registry: MachineRegistry
   readonly tokens: TokenService
   readonly metrics: Metrics
-  readonly rateLimit: { max: number, timeWindow: number }
 }
 
 // POST /v1/token: the machine authenticates with its certificate alone (RFC 8705
@@ -24,8 +23,7 @@ export async function tokenRoutes (app: FastifyInstance, options: TokenRouteOpti
 
   app.post('/v1/token', {
     bodyLimit: 4096,
-    onRequest: identify(registry),
-    config: { rateLimit: options.rateLimit }
+    onRequest: identify(registry)
   }, async (request, reply) => {
     const machine = request.machine as Machine
     const form = (request.body ?? {}) as Record<string, unknown>

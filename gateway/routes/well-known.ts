@@ -5,13 +5,13 @@ import type { SigningKeys } from '../signing-keys.js'
 // Public by design: relying parties fetch keys and metadata without a client certificate.
 export async function wellKnownRoutes (app: FastifyInstance, options: { keys: SigningKeys, config: Config }): Promise<void> {
   const { keys, config } = options
-  app.get('/.well-known/jwks.json', async (_request, reply) => {
+  app.get('/.well-known/jwks.json', { config: { rateLimit: false } }, async (_request, reply) => {
     reply.header('cache-control', 'public, max-age=60')
     return keys.jwks()
   })
 
   // RFC 8414 §2; RFC 8705 §3.3 for the certificate-bound token parameter.
-  app.get('/.well-known/oauth-authorization-server', async (_request, reply) => {
+  app.get('/.well-known/oauth-authorization-server', { config: { rateLimit: false } }, async (_request, reply) => {
     reply.header('cache-control', 'public, max-age=300')
     const issuer = config.tokens.issuer
     return {
