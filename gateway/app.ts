@@ -63,6 +63,16 @@ export function withoutQueryValues (url: string): string {
   return url.slice(0, q) + (names.length === 0 ? '' : '?' + names.map(n => `${n}=`).join('&'))
 }
 
+// What helmet would have added, for the one path it never sees (frameworkErrors).
+const FRAMEWORK_ERROR_HEADERS: Readonly<Record<string, string>> = {
+  'strict-transport-security': 'max-age=31536000; includeSubDomains',
+  'x-content-type-options': 'nosniff',
+  'x-frame-options': 'SAMEORIGIN',
+  'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
+  'cross-origin-resource-policy': 'same-origin',
+  'referrer-policy': 'no-referrer'
+}
+
 function toGatewayError (err: FastifyError | GatewayError | Error): GatewayError {
   if (err instanceof GatewayError) return err
   const fe = err as FastifyError
@@ -73,9 +83,15 @@ function toGatewayError (err: FastifyError | GatewayError | Error): GatewayError
   return new GatewayError('INTERNAL_ERROR', [], { cause: err })
 }
 
+// Refusing a body we stopped reading: close the connection after answering, or the unread
+// rest would keep the socket (and a graceful shutdown) waiting.
+const UNREAD_BODY: ReadonlySet<ErrorCode> = new Set(['BODY_TOO_LARGE'])
+
 function sendProblem (err: GatewayError, request: FastifyRequest, reply: FastifyReply): FastifyReply {
   request.errorCode = err.code
+  if (UNREAD_BODY.has(err.code)) reply.header('connection', 'close')
   return reply
+    .header('x-request-id', request.id)
     .code(err.statusCode)
     .headers(err.headers)
     .type('application/problem+json')
@@ -96,6 +112,12 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     genReqId: () => randomUUID(),
     // A client-chosen request id would let it forge correlation in our logs.
     requestIdHeader: false,
+    // URLs the router cannot even decode never reach hooks (helmet included) or the error
+    // handler; answer them as problems with the baseline security headers here.
+    frameworkErrors: (err, request, reply) => {
+      request.log.info({ code: 'PATH_INVALID', reason: err.code }, 'request refused')
+      void sendProblem(new GatewayError('PATH_INVALID', [], { cause: err, headers: FRAMEWORK_ERROR_HEADERS }), request, reply)
+    },
     logger: {
       level: config.log.level,
       redact: { paths: redactPaths(config.upstream.apiKeyHeader), censor: '[redacted]' },

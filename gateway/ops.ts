@@ -10,6 +10,9 @@ export function buildOps (parts: GatewayParts, sql: Sql): FastifyInstance {
   const app = Fastify({ logger: false })
   const { metrics, registry, keys } = parts
 
+  app.setNotFoundHandler((request, reply) => reply.code(404).type('application/problem+json')
+    .send(toProblem(new GatewayError('NOT_FOUND', [request.method, request.url.split('?')[0]]))))
+
   app.get('/healthz', async () => ({ status: 'ok' }))
 
   app.get('/readyz', async (_request, reply) => {

@@ -50,13 +50,37 @@ export function upstreamRequestHeaders (incoming: IncomingHttpHeaders, apiKeyHea
   return out
 }
 
-export function clientResponseHeaders (upstream: IncomingHttpHeaders): Record<string, string | string[]> {
+export interface ResponseRewrite {
+  // EHR_UPSTREAM_URL without a trailing slash, and its path; both map to the proxy prefix.
+  readonly upstreamBase: string
+  readonly upstreamBasePath: string
+  readonly proxyPrefix: string
+}
+
+// Like nginx's default `proxy_redirect`: a Location pointing into the upstream becomes the
+// same resource under our prefix, so the frontend can follow it and the EHR's internal
+// address never reaches it.
+function rewriteLocation (value: string, rewrite: ResponseRewrite): string {
+  if (value.startsWith(rewrite.upstreamBase + '/') || value === rewrite.upstreamBase) {
+    return rewrite.proxyPrefix + value.slice(rewrite.upstreamBase.length)
+  }
+  if (rewrite.upstreamBasePath !== '' && value.startsWith(rewrite.upstreamBasePath + '/')) {
+    return rewrite.proxyPrefix + value.slice(rewrite.upstreamBasePath.length)
+  }
+  return value
+}
+
+// `ours` says which headers the gateway has set already (helmet's security headers): the
+// upstream cannot weaken those for the gateway's origin.
+export function clientResponseHeaders (upstream: IncomingHttpHeaders, rewrite: ResponseRewrite, ours: (name: string) => boolean): Record<string, string | string[]> {
   const listed = connectionListed(upstream.connection)
   const out: Record<string, string | string[]> = {}
   for (const name in upstream) {
     const value = upstream[name]
-    if (value === undefined || RESPONSE_DROP.has(name) || listed?.has(name) === true) continue
-    out[name] = value
+    if (value === undefined || RESPONSE_DROP.has(name) || listed?.has(name) === true || ours(name)) continue
+    out[name] = (name === 'location' || name === 'content-location') && typeof value === 'string'
+      ? rewriteLocation(value, rewrite)
+      : value
   }
   return out
 }
@@ -68,10 +92,10 @@ export function clientResponseHeaders (upstream: IncomingHttpHeaders): Record<st
 // exactly as the client sent it, so the upstream sees what we checked.
 export function upstreamPath (rawUrl: string, prefix: string, basePath: string): string | undefined {
   const q = rawUrl.indexOf('?')
-  const path = q === -1 ? rawUrl : rawUrl.slice(0, q)
+  const clientPath = q === -1 ? rawUrl : rawUrl.slice(0, q)
   const query = q === -1 ? '' : rawUrl.slice(q)
-  if (!path.startsWith(prefix)) return undefined
-  const rest = path.slice(prefix.length)
+  if (!clientPath.startsWith(prefix)) return undefined
+  const rest = clientPath.slice(prefix.length)
   if (rest !== '' && !rest.startsWith('/')) return undefined
   if (/[\u0000-\u001f\u007f\\#]/.test(rawUrl)) return undefined
   const segments = rest.split('/').slice(1)
@@ -87,9 +111,13 @@ export function upstreamPath (rawUrl: string, prefix: string, basePath: string):
     } catch {
       return undefined
     }
-    if (decoded === '.' || decoded === '..' || /[/\\\u0000-\u001f\u007f]/.test(decoded)) return undefined
+    // Servlet containers (Tomcat, Jetty: where HAPI FHIR runs) drop `;params` before
+    // resolving dot segments, so `..;x` is `..` to them.
+    const bare = decoded.split(';')[0]
+    if (bare === '.' || bare === '..' || /[/\\\u0000-\u001f\u007f]/.test(decoded)) return undefined
   }
-  return basePath.replace(/\/+$/, '') + rest + query
+  const path = basePath.replace(/\/+$/, '') + rest
+  return (path.startsWith('/') ? path : '/' + path) + query
 }
 
 // The request body, streamed to the upstream, cut off with a 413 once it passes the limit

@@ -67,6 +67,10 @@ export const errorSpecs = {
     'this machine exceeded its rate limit; retry in %s seconds',
     'Slow down, or raise RATE_LIMIT_MAX / RATE_LIMIT_WINDOW.'),
 
+  CLIENT_CLOSED_REQUEST: spec(499, 'Client closed request',
+    'the client went away before the answer was ready',
+    'Nothing to fix on the gateway; the EHR request was cancelled with it (nginx logs this as 499).'),
+
   // ---- upstream
   UPSTREAM_UNAVAILABLE: spec(502, 'EHR unavailable',
     'the EHR API could not be reached',

@@ -27,6 +27,8 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
   const basePath = config.upstream.url.pathname
   const apiKey = config.upstream.apiKey?.reveal()
   const bodyLimit = config.gateway.bodyLimitBytes
+  const upstreamBasePath = basePath.replace(/\/+$/, '')
+  const rewrite = { upstreamBase: config.upstream.url.origin + upstreamBasePath, upstreamBasePath, proxyPrefix }
 
   // Bodies are streamed, never parsed: whatever the content type, leave the stream alone.
   app.removeAllContentTypeParsers()
@@ -58,13 +60,16 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
       })
     } catch (err) {
       reply.raw.off('close', onClose)
+      // Our own abort: the client left, the EHR did nothing wrong.
+      if (abort.signal.aborted) throw new GatewayError('CLIENT_CLOSED_REQUEST', [], { cause: err })
       throw translateUpstreamError(err, false)
     }
     metrics.upstreamDuration.observe({ status: String(response.statusCode) }, (performance.now() - started) / 1000)
     response.body.once('error', err => {
-      request.log.warn({ err: translateUpstreamError(err, true) }, 'upstream response body failed')
+      if (abort.signal.aborted) request.log.info('client closed the request during the response')
+      else request.log.warn({ err: translateUpstreamError(err, true) }, 'upstream response body failed')
     })
-    reply.code(response.statusCode).headers(clientResponseHeaders(response.headers))
+    reply.code(response.statusCode).headers(clientResponseHeaders(response.headers, rewrite, name => reply.hasHeader(name)))
     await reply.send(response.body)
   }
 

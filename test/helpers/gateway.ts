@@ -1,4 +1,7 @@
 import { randomBytes } from 'node:crypto'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import type { FastifyInstance } from 'fastify'
 import type { Test } from 'tap'
@@ -34,8 +37,11 @@ export interface Pki {
   readonly keyFile: string
 }
 
+// A directory of its own per PKI: t.testdir() is one fixed path per test, and a test that
+// starts two gateways would have the second overwrite the first one's CA.
 export async function createPki (t: Test): Promise<Pki> {
-  const dir = t.testdir({})
+  const dir = await mkdtemp(join(tmpdir(), 'ehrgw-pki-'))
+  t.teardown(async () => { await rm(dir, { recursive: true, force: true }) })
   const ca = await createDevCa()
   const server = await ca.issueServer({ commonName: 'localhost' })
   const files = await writeKeyPair(dir, 'server', server)
