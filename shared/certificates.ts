@@ -57,5 +57,9 @@ export function checkMachineCertificate (pem: string, file: string, caBundle: re
   }
   const signed = caBundle.some(ca => x509.checkIssued(ca) && x509.verify(ca.publicKey))
   if (!signed) throw new GatewayError('CERT_NOT_SIGNED_BY_CA', [file])
+  return describeCertificate(x509)
+}
+
+export function describeCertificate (x509: X509Certificate): MachineCertificate {
   return { x509, pem: x509.toString(), fingerprint: certificateThumbprint(x509.raw) }
 }

@@ -1,6 +1,6 @@
 import { GatewayError } from '../../shared/errors.js'
 import { checkMachineCertificate, parseCaBundle, readPemFile } from '../../shared/certificates.js'
-import { MACHINE_NAME, machinesRepository } from '../../shared/db/machines.js'
+import { MACHINE_NAME, machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { configFor, required, resolvePath, withDatabase } from '../context.js'
 import type { Context } from '../context.js'
 import type { Human } from '../output.js'
@@ -24,17 +24,7 @@ async function run (input: AddMachineInput, ctx: Context): Promise<MachineView> 
   const certFile = resolvePath(ctx, input.certFile)
   const cert = checkMachineCertificate(await readPemFile(certFile), certFile, caBundle, ctx.now())
   const machine = await withDatabase(ctx, config, { schema: 'current' }, async sql =>
-    await machinesRepository(sql).add({
-      name: input.name,
-      fingerprint: cert.fingerprint,
-      certificatePem: cert.pem,
-      subject: cert.x509.subject,
-      issuer: cert.x509.issuer,
-      serialNumber: cert.x509.serialNumber,
-      notBefore: new Date(cert.x509.validFrom),
-      notAfter: new Date(cert.x509.validTo),
-      note: input.note
-    }))
+    await machinesRepository(sql).add(machineRecord(input.name, cert, input.note)))
   return machineView(machine)
 }
 

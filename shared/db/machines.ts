@@ -1,4 +1,5 @@
 import type { Sql } from 'postgres'
+import type { MachineCertificate } from '../certificates.js'
 import { GatewayError } from '../errors.js'
 
 export interface Machine {
@@ -17,16 +18,21 @@ export interface Machine {
   readonly revokedReason: string | null
 }
 
-export interface NewMachine {
-  readonly name: string
-  readonly fingerprint: string
-  readonly certificatePem: string
-  readonly subject: string
-  readonly issuer: string
-  readonly serialNumber: string
-  readonly notBefore: Date
-  readonly notAfter: Date
-  readonly note: string | null
+export type NewMachine = Omit<Machine, 'id' | 'createdAt' | 'revokedAt' | 'revokedReason'>
+
+// The registry row for a checked certificate: what `ehrctl machine add` stores.
+export function machineRecord (name: string, cert: MachineCertificate, note: string | null): NewMachine {
+  return {
+    name,
+    fingerprint: cert.fingerprint,
+    certificatePem: cert.pem,
+    subject: cert.x509.subject,
+    issuer: cert.x509.issuer,
+    serialNumber: cert.x509.serialNumber,
+    notBefore: new Date(cert.x509.validFrom),
+    notAfter: new Date(cert.x509.validTo),
+    note
+  }
 }
 
 export const MACHINE_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/

@@ -13,10 +13,10 @@ import { Pool } from 'undici'
 import { buildGateway } from '../../gateway/app.js'
 import { createDevCa, writeKeyPair } from '../../gateway/demo/pki.js'
 import { createUpstreamPool } from '../../gateway/upstream.js'
-import { certificateThumbprint } from '../../shared/certificates.js'
+import { describeCertificate } from '../../shared/certificates.js'
 import { loadGatewayConfig } from '../../shared/config.js'
 import { startEmbeddedPostgres } from '../../shared/db/embedded.js'
-import { machinesRepository } from '../../shared/db/machines.js'
+import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { migrate } from '../../shared/db/migrations.js'
 import type { LoadJob, LoadResult } from './load-worker.js'
 
@@ -64,11 +64,7 @@ try {
   const caFile = join(pkiDir, 'ca.crt')
   await writeFile(caFile, ca.cert)
   const client = await ca.issueClient({ commonName: 'ws-bench-01' })
-  const x = new X509Certificate(client.cert)
-  await machinesRepository(sql).add({
-    name: 'ws-bench-01', fingerprint: certificateThumbprint(x.raw), certificatePem: client.cert, subject: x.subject,
-    issuer: x.issuer, serialNumber: x.serialNumber, notBefore: new Date(x.validFrom), notAfter: new Date(x.validTo), note: null
-  })
+  await machinesRepository(sql).add(machineRecord('ws-bench-01', describeCertificate(new X509Certificate(client.cert)), null))
   const config = loadGatewayConfig({
     NODE_ENV: 'production',
     DATABASE_URL: dbUrl.toString(),

@@ -2,8 +2,8 @@ import { randomBytes } from 'node:crypto'
 import { X509Certificate } from 'node:crypto'
 import t from 'tap'
 import { createDevCa } from '../../gateway/demo/pki.js'
-import { certificateThumbprint } from '../../shared/certificates.js'
-import { MACHINE_CHANNEL, machinesRepository } from '../../shared/db/machines.js'
+import { describeCertificate } from '../../shared/certificates.js'
+import { MACHINE_CHANNEL, machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import type { NewMachine } from '../../shared/db/machines.js'
 import { signingKeysRepository } from '../../shared/db/signing-keys.js'
 import { decryptPrivateKey, generateSigningKey, publicKeyOf } from '../../shared/keys.js'
@@ -14,18 +14,7 @@ const ca = await createDevCa()
 
 async function newMachine (name: string): Promise<NewMachine> {
   const pair = await ca.issueClient({ commonName: name })
-  const x = new X509Certificate(pair.cert)
-  return {
-    name,
-    fingerprint: certificateThumbprint(x.raw),
-    certificatePem: pair.cert,
-    subject: x.subject,
-    issuer: x.issuer,
-    serialNumber: x.serialNumber,
-    notBefore: new Date(x.validFrom),
-    notAfter: new Date(x.validTo),
-    note: 'front desk'
-  }
+  return machineRecord(name, describeCertificate(new X509Certificate(pair.cert)), 'front desk')
 }
 
 t.test('machines: constraints, revocation, name reuse, notifications', async t => {

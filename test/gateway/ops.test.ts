@@ -1,5 +1,4 @@
 import t from 'tap'
-import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import postgres from 'postgres'
 import type { Sql } from 'postgres'
@@ -7,14 +6,8 @@ import type { Test } from 'tap'
 import { request } from 'undici'
 import { buildOps } from '../../gateway/ops.js'
 import { startGateway } from '../helpers/gateway.js'
+import { closedPort } from '../helpers/assert.js'
 
-async function closedPort (): Promise<number> {
-  const server = createServer()
-  await new Promise<void>(resolve => { server.listen(0, '127.0.0.1', resolve) })
-  const { port } = server.address() as AddressInfo
-  await new Promise<void>(resolve => { server.close(() => { resolve() }) })
-  return port
-}
 
 const gw = await startGateway(t)
 

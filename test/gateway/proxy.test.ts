@@ -1,7 +1,5 @@
 import t from 'tap'
 import { createHash, randomBytes } from 'node:crypto'
-import { createServer } from 'node:http'
-import type { AddressInfo } from 'node:net'
 import { Readable } from 'node:stream'
 import { connect as tlsConnect } from 'node:tls'
 import type { TLSSocket } from 'node:tls'
@@ -9,6 +7,7 @@ import type { Test } from 'tap'
 import type { Agent, Dispatcher } from 'undici'
 import { startGateway, TEST_API_KEY } from '../helpers/gateway.js'
 import type { TestGateway } from '../helpers/gateway.js'
+import { assertProblem as assertProblemShape, closedPort } from '../helpers/assert.js'
 
 type Headers = Record<string, string | string[] | undefined>
 interface RawResponse { status: number, headers: Headers, text: string, json: () => Record<string, unknown> }
@@ -21,26 +20,11 @@ async function raw (gw: TestGateway, agent: Agent, path: string, options: { meth
   return { status: res.statusCode, headers: res.headers, text, json: () => JSON.parse(text) as Record<string, unknown> }
 }
 
-async function closedPort (): Promise<number> {
-  const server = createServer()
-  await new Promise<void>(resolve => { server.listen(0, '127.0.0.1', resolve) })
-  const { port } = server.address() as AddressInfo
-  await new Promise<void>(resolve => { server.close(() => { resolve() }) })
-  return port
-}
 
 const sha256 = (data: Buffer): string => createHash('sha256').update(data).digest('hex')
 
 function assertProblem (t: Test, res: RawResponse, status: number, code: string): void {
-  t.equal(res.status, status, `status ${status}: ${res.text}`)
-  t.match(res.headers['content-type'], /^application\/problem\+json/)
-  const body = res.json()
-  t.equal(body['code'], code)
-  t.equal(body['status'], status)
-  t.type(body['type'], 'string')
-  t.type(body['title'], 'string')
-  t.type(body['detail'], 'string')
-  t.notMatch(res.text, /\bat .+:\d+:\d+|node:internal|\.ts:\d+|\.js:\d+/, 'no stack trace')
+  assertProblemShape(t, res, status, code)
   t.notOk(res.text.includes(upstreamHostPort), 'no upstream host:port')
 }
 

@@ -1,5 +1,4 @@
 import t from 'tap'
-import type { Test } from 'tap'
 import { X509Certificate, createHash, createHmac, createPublicKey, generateKeyPairSync } from 'node:crypto'
 import type { KeyObject } from 'node:crypto'
 import { SignJWT, decodeJwt, decodeProtectedHeader } from 'jose'
@@ -11,24 +10,10 @@ import { signingKeysRepository } from '../../shared/db/signing-keys.js'
 import { generateSigningKey } from '../../shared/keys.js'
 import { startGateway } from '../helpers/gateway.js'
 import type { TestGateway } from '../helpers/gateway.js'
+import { assertProblem } from '../helpers/assert.js'
 
 type Response = Awaited<ReturnType<TestGateway['call']>>
 
-// Every refusal is a problem document with the contract's code (DESIGN.md, errors).
-// A known production bug is marked `todo` on its assertions, not on the test, so the test
-// still runs (and TAP_FAIL_TODO=1 turns it red).
-function assertProblem (t: Test, res: Response, status: number, code: string, todo?: string): void {
-  const extra = todo === undefined ? {} : { todo }
-  t.equal(res.status, status, `status ${status} (${res.text})`, extra)
-  t.match(String(res.headers['content-type']), /^application\/problem\+json/, 'problem content type', extra)
-  let body: Record<string, unknown> = {}
-  try { body = res.json() } catch {}
-  t.equal(body['code'], code, `code ${code}`, extra)
-  t.equal(body['status'], status, 'status member', extra)
-  t.type(body['type'], 'string', 'type member', extra)
-  t.type(body['title'], 'string', 'title member', extra)
-  t.type(body['detail'], 'string', 'detail member', extra)
-}
 
 const b64 = (value: unknown): string => Buffer.from(JSON.stringify(value)).toString('base64url')
 const bearer = (token: string): Record<string, string> => ({ authorization: `Bearer ${token}` })

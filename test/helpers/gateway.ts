@@ -11,10 +11,10 @@ import { buildGateway } from '../../gateway/app.js'
 import { createDevCa, writeKeyPair } from '../../gateway/demo/pki.js'
 import type { DevCa, KeyPair } from '../../gateway/demo/pki.js'
 import { createUpstreamPool } from '../../gateway/upstream.js'
-import { certificateThumbprint } from '../../shared/certificates.js'
+import { describeCertificate } from '../../shared/certificates.js'
 import { loadGatewayConfig } from '../../shared/config.js'
 import type { Env, GatewayConfig } from '../../shared/config.js'
-import { machinesRepository } from '../../shared/db/machines.js'
+import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import type { Machine } from '../../shared/db/machines.js'
 import { X509Certificate } from 'node:crypto'
 import { createTestDatabase } from './db.js'
@@ -114,18 +114,7 @@ export async function startGateway (t: Test, options: GatewayOptions = {}): Prom
     app, url, config, db, pki, upstream, clock, logs,
     async register (name, pair) {
       const keyPair = pair ?? await pki.ca.issueClient({ commonName: name })
-      const x = new X509Certificate(keyPair.cert)
-      const machine = await machines.add({
-        name,
-        fingerprint: certificateThumbprint(x.raw),
-        certificatePem: keyPair.cert,
-        subject: x.subject,
-        issuer: x.issuer,
-        serialNumber: x.serialNumber,
-        notBefore: new Date(x.validFrom),
-        notAfter: new Date(x.validTo),
-        note: null
-      })
+      const machine = await machines.add(machineRecord(name, describeCertificate(new X509Certificate(keyPair.cert)), null))
       return { machine, pair: keyPair }
     },
     agent (pair) {
