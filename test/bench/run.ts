@@ -1,6 +1,7 @@
 // `npm run bench`: the full secured path against a plain mTLS proxy and the upstream alone,
 // measured side by side in one run on the same data. Never part of `npm test`.
-//   BENCH_SECONDS (default 5) per round, BENCH_ROUNDS (3), BENCH_CONNECTIONS (50)
+//   BENCH_SECONDS (default 5) per round, BENCH_ROUNDS (3), BENCH_CONNECTIONS (50),
+//   BENCH_LOG_LEVEL (info), BENCH_TARGETS (direct,plain,gateway: a subset, e.g. to profile one)
 import { randomBytes, X509Certificate } from 'node:crypto'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { cpus, tmpdir } from 'node:os'
@@ -77,7 +78,8 @@ try {
     TOKEN_ISSUER: 'https://localhost',
     TOKEN_TTL_SECONDS: '3600',
     RATE_LIMIT_MAX: '100000000',
-    LOG_LEVEL: 'info'
+    // Production's default level: every request logs its start and end.
+    LOG_LEVEL: process.env['BENCH_LOG_LEVEL'] ?? 'info'
   })
   const tls = { ca: ca.cert, cert: client.cert, key: client.key }
   const discard = new Writable({ write (_chunk, _enc, done) { done() } })
@@ -93,7 +95,9 @@ try {
     })
     await app.listen({ host: '127.0.0.1', port: 0 })
     const port = (app.server.address() as { port: number }).port
-    return { origin: `https://localhost:${port}`, close: async () => { await app.close(); await pool.close() } }
+    let handshakes = 0
+    app.server.on('secureConnection', () => { handshakes++ })
+    return { origin: `https://localhost:${port}`, close: async () => { console.log(`#   plain proxy: ${handshakes} TLS handshakes`); await app.close(); await pool.close() } }
   }
 
   async function startGatewayTarget (): Promise<{ origin: string, close: () => Promise<void>, token: string }> {
@@ -102,11 +106,13 @@ try {
     await app.listen({ host: '127.0.0.1', port: 0 })
     const port = (app.server.address() as { port: number }).port
     const origin = `https://localhost:${port}`
+    let handshakes = 0
+    app.server.on('secureConnection', () => { handshakes++ })
     const agentPool = new Pool(origin, { connect: { ...tls, servername: 'localhost' } })
     const res = await agentPool.request({ method: 'POST', path: '/v1/token' })
     const { access_token: token } = await res.body.json() as { access_token: string }
     await agentPool.close()
-    return { origin, token, close: async () => { await app.close(); await pool.close() } }
+    return { origin, token, close: async () => { console.log(`#   gateway: ${handshakes} TLS handshakes`); await app.close(); await pool.close() } }
   }
 
   interface Row { name: string, results: LoadResult[] }
@@ -126,30 +132,34 @@ try {
     } finally { await target.close() }
   }
 
+  const targets = (process.env['BENCH_TARGETS'] ?? 'direct,plain,gateway').split(',')
+  const selected = ['direct', 'plain', 'gateway'].map(name => targets.includes(name))
   console.log(`# ehr-gateway bench: ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), Node ${process.version}, ${connections} connections, ${bytes} B responses, ${rounds} rounds × ${seconds}s`)
-  for (let i = 0; i < rows.length; i++) await measure(i, 2) // warm-up
+  for (let i = 0; i < rows.length; i++) if (selected[i] === true) await measure(i, 2) // warm-up
   for (let r = 0; r < rounds; r++) {
     for (let i = 0; i < rows.length; i++) {
+      if (selected[i] !== true) continue
       const result = await measure(i, seconds)
       rows[i]?.results.push(result)
       process.stdout.write(`# round ${r + 1} ${rows[i]?.name}: ${(result.requests / result.seconds).toFixed(0)} req/s, ${result.errors} errors\n`)
     }
   }
 
-  const summary = rows.map(row => {
+  const summary = rows.filter(row => row.results.length > 0).map(row => {
     const byRate = [...row.results].sort((a, b) => a.requests / a.seconds - b.requests / b.seconds)
     const median = byRate[Math.floor(byRate.length / 2)] as LoadResult
     const sorted = [...median.latenciesMs].sort((a, b) => a - b)
     return { name: row.name, rps: median.requests / median.seconds, p50: percentile(sorted, 0.5), p99: percentile(sorted, 0.99), errors: row.results.reduce((n, r) => n + r.errors, 0) }
   })
-  const baseline = summary[1]?.rps ?? NaN
-  const direct = summary[0]?.rps ?? NaN
+  const rate = (name: string): number => summary.find(s => s.name === name)?.rps ?? NaN
+  const direct = rate(rows[0]?.name ?? '')
+  const baseline = rate(rows[1]?.name ?? '')
   console.log('\n| target | req/s (median) | p50 ms | p99 ms | errors | × plain proxy | × direct |')
   console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
   for (const s of summary) {
     console.log(`| ${s.name} | ${s.rps.toFixed(0)} | ${s.p50.toFixed(2)} | ${s.p99.toFixed(2)} | ${s.errors} | ${(s.rps / baseline).toFixed(2)} | ${(s.rps / direct).toFixed(2)} |`)
   }
-  const gatewayRatio = (summary[2]?.rps ?? 0) / baseline
+  const gatewayRatio = rate(rows[2]?.name ?? '') / baseline
   console.log(`\ntarget (issue 6): secured path ≥ 1.0× plain proxy — ${gatewayRatio >= 1 ? 'met' : 'not met'} (${gatewayRatio.toFixed(2)}×)`)
   const resultsDir = new URL('./results/', import.meta.url).pathname.replace('/dist/test/', '/test/')
   await mkdir(resultsDir, { recursive: true })
