@@ -1,20 +1,23 @@
 import { randomUUID } from 'node:crypto'
+import { STATUS_CODES } from 'node:http'
 import type { Writable } from 'node:stream'
 import helmet from '@fastify/helmet'
 import rateLimit from '@fastify/rate-limit'
-import Fastify from 'fastify'
+import Fastify, { LogController } from 'fastify'
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Sql } from 'postgres'
 import type { GatewayConfig } from '../shared/config.js'
 import { keyEncryptionKeyBytes } from '../shared/config.js'
-import { GatewayError, toProblem } from '../shared/errors.js'
+import { GatewayError, errorSpecs, toProblem } from '../shared/errors.js'
 import type { ErrorCode } from '../shared/errors.js'
+import { rateLimitKey } from './identity.js'
 import { createMetrics } from './metrics.js'
 import type { Metrics } from './metrics.js'
 import { MachineRegistry } from './registry.js'
 import { proxyRoutes } from './routes/proxy.js'
 import { tokenRoutes } from './routes/token.js'
 import { wellKnownRoutes } from './routes/well-known.js'
+import { helmetDefaultHeaders } from './security-headers.js'
 import { SigningKeys } from './signing-keys.js'
 import { loadTlsOptions } from './tls.js'
 import type { GatewayTlsOptions } from './tls.js'
@@ -64,14 +67,19 @@ export function withoutQueryValues (url: string): string {
   return url.slice(0, q) + (names.length === 0 ? '' : '?' + names.map(n => `${n}=`).join('&'))
 }
 
-// What helmet would have added, for the one path it never sees (frameworkErrors).
-const FRAMEWORK_ERROR_HEADERS: Readonly<Record<string, string>> = {
-  'strict-transport-security': 'max-age=31536000; includeSubDomains',
-  'x-content-type-options': 'nosniff',
-  'x-frame-options': 'SAMEORIGIN',
-  'content-security-policy': "default-src 'none'; frame-ancestors 'none'",
-  'cross-origin-resource-policy': 'same-origin',
-  'referrer-policy': 'no-referrer'
+// What helmet adds, for the answers Fastify gives before any hook runs.
+const PRE_ROUTING_HEADERS = helmetDefaultHeaders()
+
+// Malformed HTTP (bad framing, oversized headers, a request that took too long) never
+// becomes a request; answer it on the socket as a problem, then close it.
+function clientErrorResponse (err: NodeJS.ErrnoException): string {
+  const code: ErrorCode = err.code === 'HPE_HEADER_OVERFLOW' ? 'HEADERS_TOO_LARGE'
+    : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'REQUEST_TIMEOUT'
+      : 'BAD_REQUEST'
+  const problem = JSON.stringify(toProblem(new GatewayError(code, ['malformed HTTP request'])))
+  const headers = Object.entries(PRE_ROUTING_HEADERS).map(([k, v]) => `${k}: ${v}\r\n`).join('')
+  return `HTTP/1.1 ${errorSpecs[code].status} ${STATUS_CODES[errorSpecs[code].status] ?? ''}\r\n` +
+    `content-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(problem)}\r\nconnection: close\r\n${headers}\r\n${problem}`
 }
 
 function toGatewayError (err: FastifyError | GatewayError | Error): GatewayError {
@@ -111,7 +119,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     bodyLimit: config.gateway.bodyLimitBytes,
     requestTimeout: 120_000,
     // One access-log line per request (onResponse below) instead of Fastify's two.
-    disableRequestLogging: true,
+    logController: new LogController({ disableRequestLogging: true }),
     routerOptions: { maxParamLength: 1000 },
     genReqId: () => randomUUID(),
     // A client-chosen request id would let it forge correlation in our logs.
@@ -119,8 +127,16 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     // URLs the router cannot even decode never reach hooks (helmet included) or the error
     // handler; answer them as problems with the baseline security headers here.
     frameworkErrors: (err, request, reply) => {
-      void sendProblem(new GatewayError('PATH_INVALID', [], { cause: err, headers: FRAMEWORK_ERROR_HEADERS }), request, reply)
+      void sendProblem(new GatewayError('PATH_INVALID', [], { cause: err, headers: PRE_ROUTING_HEADERS }), request, reply)
     },
+    clientErrorHandler: (err: NodeJS.ErrnoException, socket) => {
+      if (err.code === 'ECONNRESET' || socket.destroyed) return
+      if (socket.writable) socket.write(clientErrorResponse(err))
+      socket.destroy()
+    },
+    // While draining, requests on kept-alive connections are still served (with
+    // `Connection: close`, below) rather than refused with Fastify's plain 503.
+    return503OnClosing: false,
     logger: {
       level: config.log.level,
       redact: { paths: redactPaths(config.upstream.apiKeyHeader), censor: '[redacted]' },
@@ -135,16 +151,24 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   const registry = new MachineRegistry(deps.sql, { ttlMs: config.registry.cacheTtlMs, now: clock })
   const keys = new SigningKeys(deps.sql, {
     kek: keyEncryptionKeyBytes(config.tokens.keyEncryptionKey),
-    alg: config.tokens.alg,
-    graceSeconds: config.tokens.ttlSeconds + config.tokens.clockToleranceSeconds,
-    now: clock
+    tokens: config.tokens,
+    now: clock,
+    onReloadError: err => { app.log.error({ err }, 'reloading signing keys failed; retrying') }
   })
-  await registry.listen()
-  await keys.start()
-  app.addHook('onClose', async () => {
+  const stopListening = async (): Promise<void> => {
     await registry.close()
     await keys.close()
-  })
+  }
+  try {
+    await registry.listen()
+    await keys.start()
+  } catch (err) {
+    // A half-built gateway must not keep LISTEN connections open behind the caller's back.
+    await stopListening()
+    await app.close()
+    throw err
+  }
+  app.addHook('onClose', stopListening)
   const tokens = new TokenService(keys, config.tokens, clock)
   app.decorate('gateway', { registry, keys, tokens, metrics })
   app.decorateRequest('machine', null)
@@ -161,8 +185,12 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   })
   app.setNotFoundHandler((request, reply) => sendProblem(new GatewayError('NOT_FOUND', [request.method, withoutQueryValues(request.url)]), request, reply))
 
+  let draining = false
+  app.addHook('preClose', async () => { draining = true })
   app.addHook('onSend', async (request, reply) => {
     reply.header('x-request-id', request.id)
+    // Tell clients on kept-alive connections to reconnect, to an instance that stays.
+    if (draining) reply.header('connection', 'close')
   })
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? 'unmatched'
@@ -182,14 +210,15 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
 
   // HSTS and the rest of helmet's defaults on every response, errors included.
   await app.register(helmet, { global: true })
-  // One budget per machine across the token endpoint and every proxied route: route-level
-  // limits would each get a store of their own and multiply the allowance.
+  // One budget per machine certificate across the token endpoint and every proxied route
+  // (route-level limits would each get a store of their own and multiply the allowance).
+  // It runs first, before the registry and token checks, so failed attempts count too.
   await app.register(rateLimit, {
     global: true,
     max: config.rateLimit.max,
     timeWindow: config.rateLimit.windowMs,
-    hook: 'preHandler', // after identify, so the key is the machine, not the address
-    keyGenerator: (request: FastifyRequest) => request.machine?.id ?? request.ip,
+    hook: 'onRequest',
+    keyGenerator: rateLimitKey,
     errorResponseBuilder: (_request, context) => new GatewayError('RATE_LIMITED', [Math.ceil(context.ttl / 1000)])
   })
 

@@ -39,7 +39,15 @@ function peerVerdict (socket: TLSSocket): PeerVerdict {
   return verdict
 }
 
-// onRequest hook for routes that need a registered machine (request path step 2).
+// The rate-limit key: the client certificate's fingerprint when the handshake verified
+// one, else the address. Cheap (cached per socket) and known before any database lookup,
+// so refused requests count against the limit too.
+export function rateLimitKey (request: FastifyRequest): string {
+  const verdict = peerVerdict(request.raw.socket as TLSSocket)
+  return 'thumbprint' in verdict ? verdict.thumbprint : request.ip
+}
+
+// preValidation hook for routes that need a registered machine (request path step 2).
 export function identify (registry: MachineRegistry) {
   return async function identifyMachine (request: FastifyRequest): Promise<void> {
     const socket = request.raw.socket as TLSSocket
@@ -58,7 +66,7 @@ const challenge = (error?: string): Record<string, string> => ({
   'www-authenticate': error === undefined ? 'Bearer realm="ehr-gateway"' : `Bearer realm="ehr-gateway", error="${error}"`
 })
 
-// onRequest hook after identify (request path step 3): a valid token of this gateway,
+// preValidation hook after identify (request path step 3): a valid token of this gateway,
 // issued to this machine's certificate, used from the address it was issued to.
 export function requireToken (tokens: TokenService) {
   return async function verifyAccessToken (request: FastifyRequest, _reply: FastifyReply): Promise<void> {

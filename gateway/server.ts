@@ -1,50 +1,75 @@
 // The gateway process: the only place that reads the environment, listens and handles
-// signals (STYLE §1). Everything it opens it closes, in reverse order (STYLE §6).
+// signals (STYLE §1). Everything it opens it closes, in reverse order (STYLE §6), on a
+// signal and on a failed start alike.
 import { loadGatewayConfig } from '../shared/config.js'
 import { openDatabase } from '../shared/db/client.js'
 import { assertSchemaCurrent } from '../shared/db/migrations.js'
 import { devKeyEncryptionKey } from '../shared/dev-secrets.js'
 import { GatewayError } from '../shared/errors.js'
 import { buildGateway } from './app.js'
+import type { FastifyInstance } from 'fastify'
 import { buildOps } from './ops.js'
 import { createUpstreamPool } from './upstream.js'
 
+type Closer = readonly [name: string, close: () => Promise<unknown>]
+
+async function closeAll (closers: Closer[], log: (msg: string, err: unknown) => void): Promise<boolean> {
+  let clean = true
+  for (const [name, close] of closers.reverse()) {
+    try {
+      await close()
+    } catch (err) {
+      clean = false
+      log(`closing ${name} failed`, err)
+    }
+  }
+  return clean
+}
+
 async function main (): Promise<void> {
-  const config = loadGatewayConfig(process.env, { dotenvPath: '.env', devKeyEncryptionKey: devKeyEncryptionKey() })
-  const db = await openDatabase(config)
+  // The gateway process is production unless told otherwise: the development fallbacks
+  // (embedded Postgres, a key-encryption key kept in ./.data) need NODE_ENV=development.
+  const config = loadGatewayConfig({ NODE_ENV: 'production', ...process.env }, { dotenvPath: '.env', devKeyEncryptionKey: devKeyEncryptionKey() })
+  const closers: Closer[] = []
+  let app: FastifyInstance | undefined
+  const logError = (msg: string, err: unknown): void => {
+    if (app !== undefined) app.log.error({ err }, msg)
+    else process.stderr.write(`ehr-gateway: ${msg}: ${err instanceof Error ? err.message : String(err)}\n`)
+  }
   try {
+    const db = await openDatabase(config)
+    closers.push(['database', async () => { await db.close() }])
     await assertSchemaCurrent(db.sql)
+    const pool = createUpstreamPool(config)
+    closers.push(['upstream pool', async () => { await pool.close() }])
+    app = await buildGateway(config, { sql: db.sql, upstream: pool })
+    const gateway = app
+    closers.push(['gateway', async () => { await gateway.close() }])
+    const ops = buildOps(gateway.gateway, db.sql)
+    closers.push(['ops listener', async () => { await ops.close() }])
+    const listening = await gateway.listen({ host: config.gateway.host, port: config.gateway.port })
+    const opsListening = await ops.listen({ host: config.ops.host, port: config.ops.port })
+    gateway.log.info({ gateway: listening, ops: opsListening, upstream: config.upstream.url.origin }, 'ehr-gateway ready')
   } catch (err) {
-    await db.close()
+    await closeAll(closers, logError)
     throw err
   }
-  const pool = createUpstreamPool(config)
-  const app = await buildGateway(config, { sql: db.sql, upstream: pool })
-  const ops = buildOps(app.gateway, db.sql)
-  const listening = await app.listen({ host: config.gateway.host, port: config.gateway.port })
-  const opsListening = await ops.listen({ host: config.ops.host, port: config.ops.port })
-  app.log.info({ gateway: listening, ops: opsListening, upstream: config.upstream.url.origin }, 'ehr-gateway ready')
 
+  const gateway = app
   let closing = false
   const shutdown = (signal: string): void => {
     if (closing) return
     closing = true
-    app.log.info({ signal }, 'shutting down: draining in-flight requests')
-    const force = setTimeout(() => {
-      app.log.error('in-flight requests outlived SHUTDOWN_GRACE_MS; exiting')
-      process.exit(1)
-    }, config.gateway.shutdownGraceMs + 5000).unref()
-    void (async () => {
-      await ops.close()
-      // Fastify stops accepting, answers 503 to new requests on kept-alive sockets and
-      // waits for in-flight ones.
-      await app.close()
-      await pool.close()
-      await db.close()
-      clearTimeout(force)
-    })().catch(err => {
-      app.log.error({ err }, 'shutdown failed')
-      process.exitCode = 1
+    gateway.log.info({ signal }, 'shutting down: draining in-flight requests')
+    // In-flight requests get SHUTDOWN_GRACE_MS; then their connections are cut so the
+    // pool and the database still close in order.
+    const cut = setTimeout(() => {
+      gateway.log.warn('in-flight requests outlived SHUTDOWN_GRACE_MS; closing their connections')
+      gateway.server.closeAllConnections()
+    }, config.gateway.shutdownGraceMs).unref()
+    void closeAll(closers, logError).then(clean => {
+      clearTimeout(cut)
+      process.exitCode = clean ? 0 : 1
     })
   }
   process.once('SIGTERM', () => { shutdown('SIGTERM') })
@@ -55,5 +80,6 @@ main().catch((err: unknown) => {
   // One line an operator can act on; the config error already lists every variable.
   const message = err instanceof GatewayError ? `${err.code}: ${err.message}` : (err instanceof Error ? err.message : String(err))
   process.stderr.write(`ehr-gateway: ${message}\n`)
-  process.exitCode = 1
+  // Everything opened was closed above; exit even if a library left a handle behind.
+  process.exit(1)
 })

@@ -3,7 +3,8 @@ import type { JWK } from 'jose'
 import type { Sql } from 'postgres'
 import { SIGNING_KEYS_CHANNEL, signingKeysRepository } from '../shared/db/signing-keys.js'
 import type { SigningKeyRow } from '../shared/db/signing-keys.js'
-import { decryptPrivateKey, generateSigningKey, publicKeyOf } from '../shared/keys.js'
+import type { Config } from '../shared/config.js'
+import { decryptPrivateKey, generateSigningKey, publicKeyOf, verificationGraceSeconds, verifiesUntil } from '../shared/keys.js'
 import type { SigningAlg } from '../shared/keys.js'
 
 export interface CurrentKey { readonly kid: string, readonly alg: SigningAlg, readonly privateKey: KeyObject }
@@ -24,9 +25,11 @@ export class SigningKeys {
   readonly #sql: Sql
   readonly #repo: ReturnType<typeof signingKeysRepository>
   readonly #kek: Buffer
-  readonly #alg: SigningAlg
-  readonly #graceSeconds: number
+  readonly #tokens: Config['tokens']
   readonly #now: () => number
+  readonly #onReloadError: (err: unknown) => void
+  #retry: NodeJS.Timeout | undefined
+  #retryDelayMs = 1000
   #current: CurrentKey | undefined
   #verifying = new Map<string, VerificationKey>()
   #lastReload = 0
@@ -34,25 +37,37 @@ export class SigningKeys {
   #reloadAgain = false
   #unlisten: (() => Promise<void>) | undefined
 
-  constructor (sql: Sql, options: { kek: Buffer, alg: SigningAlg, graceSeconds: number, now: () => number }) {
+  constructor (sql: Sql, options: { kek: Buffer, tokens: Config['tokens'], now: () => number, onReloadError: (err: unknown) => void }) {
     this.#sql = sql
     this.#repo = signingKeysRepository(sql)
     this.#kek = options.kek
-    this.#alg = options.alg
-    this.#graceSeconds = options.graceSeconds
+    this.#tokens = options.tokens
     this.#now = options.now
+    this.#onReloadError = options.onReloadError
   }
 
   // First start creates the first key; later starts load what is there.
   async start (): Promise<void> {
-    await this.#repo.ensureCurrent(async () => await generateSigningKey(this.#alg, this.#kek))
+    await this.#repo.ensureCurrent(async () => await generateSigningKey(this.#tokens.alg, this.#kek))
     await this.reload()
-    const { unlisten } = await this.#sql.listen(SIGNING_KEYS_CHANNEL, () => { void this.reload().catch(() => {}) }, () => { void this.reload().catch(() => {}) })
+    const { unlisten } = await this.#sql.listen(SIGNING_KEYS_CHANNEL, () => { this.#reloadInBackground() }, () => { this.#reloadInBackground() })
     this.#unlisten = unlisten
   }
 
   async close (): Promise<void> {
+    clearTimeout(this.#retry)
     await this.#unlisten?.()
+  }
+
+  // A rotation this instance failed to load would leave it signing with a retired key:
+  // say so and try again, backing off to 30 s, until it succeeds.
+  #reloadInBackground (): void {
+    clearTimeout(this.#retry)
+    this.reload().then(() => { this.#retryDelayMs = 1000 }, err => {
+      this.#onReloadError(err)
+      this.#retry = setTimeout(() => { this.#reloadInBackground() }, this.#retryDelayMs).unref()
+      this.#retryDelayMs = Math.min(this.#retryDelayMs * 2, 30_000)
+    })
   }
 
   get ready (): boolean {
@@ -87,12 +102,11 @@ export class SigningKeys {
 
   async #load (): Promise<void> {
     this.#lastReload = this.#now()
-    const rows = await this.#repo.verifying(this.#graceSeconds)
+    const rows = await this.#repo.verifying(verificationGraceSeconds(this.#tokens))
     const verifying = new Map<string, VerificationKey>()
     let current: SigningKeyRow | undefined
     for (const row of rows) {
-      const verifiesUntil = row.retiredAt === null ? Infinity : row.retiredAt.getTime() + this.#graceSeconds * 1000
-      verifying.set(row.kid, { alg: row.alg, key: publicKeyOf(row), jwk: row.publicJwk, verifiesUntil })
+      verifying.set(row.kid, { alg: row.alg, key: publicKeyOf(row), jwk: row.publicJwk, verifiesUntil: verifiesUntil(row, this.#tokens) })
       if (row.retiredAt === null) current = row
     }
     if (current !== undefined) {

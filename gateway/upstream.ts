@@ -16,19 +16,31 @@ export function createUpstreamPool (config: GatewayConfig): Pool {
 }
 
 // RFC 9110 §7.6.1 hop-by-hop headers, plus what must never cross the gateway: the
-// client's own credentials (the upstream gets ours), proof headers, and forwarded identity
-// headers that a client could use to impersonate a proxy.
+// client's own credentials (the upstream gets ours), proof headers, and headers by which a
+// client could pose as a proxy or steer the upstream (method overrides, original-URL and
+// forwarded identity, a Google quota project billed to our credentials).
 const REQUEST_DROP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization',
   'te', 'trailer', 'transfer-encoding', 'upgrade', 'host', 'expect',
   'authorization', 'cookie', 'dpop',
   'x-forwarded-client-cert', 'x-ssl-client-cert', 'x-client-cert', 'ssl-client-cert',
-  'forwarded', 'x-forwarded-for', 'x-forwarded-host', 'x-forwarded-proto', 'x-real-ip', 'x-request-id'
+  'forwarded', 'x-real-ip', 'true-client-ip', 'x-client-ip', 'x-cluster-client-ip', 'x-request-id',
+  'x-http-method-override', 'x-http-method', 'x-method-override', 'x-rewrite-url'
 ])
+const REQUEST_DROP_PREFIXES = ['x-forwarded-', 'x-original-', 'x-envoy-', 'x-goog-', 'cf-']
+
+// Hop-by-hop again, and upstream headers that mean nothing for the gateway's origin or
+// name the EHR's internals: its auth challenges (the client authenticates to us), cookies,
+// server software and tracing.
 const RESPONSE_DROP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer',
-  'transfer-encoding', 'upgrade'
+  'transfer-encoding', 'upgrade',
+  'www-authenticate', 'set-cookie', 'server', 'x-powered-by', 'via', 'alt-svc',
+  'x-cloud-trace-context', 'x-envoy-upstream-service-time'
 ])
+
+const dropped = (name: string): boolean =>
+  REQUEST_DROP.has(name) || REQUEST_DROP_PREFIXES.some(prefix => name.startsWith(prefix))
 
 // Header names a `Connection` header lists are hop-by-hop for this message too (§7.6.1).
 function connectionListed (value: string | string[] | undefined): Set<string> | undefined {
@@ -42,7 +54,7 @@ export function upstreamRequestHeaders (incoming: IncomingHttpHeaders, apiKeyHea
   const out: Record<string, string | string[]> = {}
   for (const name in incoming) {
     const value = incoming[name]
-    if (value === undefined || REQUEST_DROP.has(name) || name === apiKeyHeader || listed?.has(name) === true) continue
+    if (value === undefined || dropped(name) || name === apiKeyHeader || listed?.has(name) === true) continue
     out[name] = value
   }
   if (apiKey !== undefined) out[apiKeyHeader] = apiKey

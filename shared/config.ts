@@ -284,6 +284,11 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
       if (upstreamUrl.username !== '' || upstreamUrl.password !== '' || upstreamUrl.search !== '' || upstreamUrl.hash !== '') {
         problems.push({ variable: 'EHR_UPSTREAM_URL', message: 'must not contain credentials, a query or a fragment (use EHR_API_KEY)' })
       }
+      // The upstream credentials travel with every request; in production only over TLS,
+      // or to a sidecar on this host.
+      if (production && upstreamUrl.protocol === 'http:' && !['localhost', '127.0.0.1', '[::1]'].includes(upstreamUrl.hostname)) {
+        problems.push({ variable: 'EHR_UPSTREAM_URL', message: 'must be https:// in production (plain http only to localhost)' })
+      }
     } catch {
       problems.push({ variable: 'EHR_UPSTREAM_URL', message: 'is not a valid URL' })
     }
@@ -314,6 +319,12 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
     } else {
       kek = new Secret(options.devKeyEncryptionKey())
     }
+  }
+
+  // Every instance must issue and accept the same iss/aud; a name derived from each
+  // host's own name would differ between instances behind one load balancer.
+  if (production && needs.has('tokenKeys') && str('TOKEN_ISSUER') === undefined && ['0.0.0.0', '::', '[::]'].includes(str('GATEWAY_HOST') ?? '0.0.0.0')) {
+    problems.push({ variable: 'TOKEN_ISSUER', message: 'is required in production when GATEWAY_HOST is a wildcard: the public https URL clients use' })
   }
 
   if (problems.length > 0) throw new ConfigError(problems)

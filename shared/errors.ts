@@ -53,6 +53,10 @@ export const errorSpecs = {
 
   // ---- request shape
   BAD_REQUEST: spec(400, 'Bad request', '%s', 'Fix the request as the detail says.'),
+  HEADERS_TOO_LARGE: spec(431, 'Request headers too large', '%s',
+    'Send fewer or smaller headers (Node limits them to 16 KiB by default).'),
+  REQUEST_TIMEOUT: spec(408, 'Request timeout', '%s',
+    'Send the whole request promptly; the gateway does not wait for slow clients.'),
   PATH_INVALID: spec(400, 'Path not allowed',
     'the resource path contains dot segments, encoded separators or empty segments',
     'Send a plain resource path such as /fhir/Patient/123.'),
@@ -78,6 +82,9 @@ export const errorSpecs = {
   UPSTREAM_TIMEOUT: spec(504, 'EHR timed out',
     'the EHR API did not answer in time',
     'Check the EHR; raise UPSTREAM_HEADERS_TIMEOUT_MS / UPSTREAM_BODY_TIMEOUT_MS if it is just slow.'),
+  UPSTREAM_AUTH_FAILED: spec(502, 'EHR refused the gateway',
+    "the EHR API refused the gateway's own credentials",
+    'Check EHR_API_KEY (and the upstream credentials) of the gateway; the client can do nothing about it.'),
   UPSTREAM_ERROR: spec(502, 'EHR connection failed',
     'the connection to the EHR API failed during the exchange',
     'Retry; if it persists, check the EHR and the gateway log (by request id).'),

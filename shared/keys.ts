@@ -2,10 +2,23 @@ import { createCipheriv, createDecipheriv, createPrivateKey, createPublicKey, ge
 import type { KeyObject } from 'node:crypto'
 import { calculateJwkThumbprint } from 'jose'
 import type { JWK } from 'jose'
+import type { Config } from './config.js'
 import type { SigningKeyRow } from './db/signing-keys.js'
 import { GatewayError } from './errors.js'
 
 export type SigningAlg = 'EdDSA' | 'ES256'
+
+// How long a retired key keeps verifying: the longest a token it signed can still be
+// alive. The gateway and `ehrctl keys list` both ask this one function.
+export function verificationGraceSeconds (tokens: Config['tokens']): number {
+  return tokens.ttlSeconds + tokens.clockToleranceSeconds
+}
+
+// Epoch milliseconds after which tokens signed by this key are refused; Infinity while
+// it is the current key.
+export function verifiesUntil (row: Pick<SigningKeyRow, 'retiredAt'>, tokens: Config['tokens']): number {
+  return row.retiredAt === null ? Infinity : row.retiredAt.getTime() + verificationGraceSeconds(tokens) * 1000
+}
 
 // Private keys are stored encrypted under TOKEN_KEY_ENCRYPTION_KEY (AES-256-GCM); the kid
 // is the additional authenticated data, so a ciphertext cannot be moved to another row.

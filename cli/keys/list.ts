@@ -15,7 +15,7 @@ async function run (_input: ListKeysInput, ctx: Context): Promise<KeyView[]> {
   const rows = await withDatabase(ctx, config, { schema: 'current' }, async sql =>
     await signingKeysRepository(sql).list())
   const now = ctx.now()
-  return rows.map(row => keyView(row, config.tokens.ttlSeconds, now))
+  return rows.map(row => keyView(row, config.tokens, now))
 }
 
 function present (keys: KeyView[]): Human {

@@ -29,8 +29,8 @@ async function run (_input: RotateKeysInput, ctx: Context): Promise<RotateKeysOu
     const now = ctx.now()
     const previous = before === undefined ? undefined : (await keys.list()).find(k => k.kid === before.kid)
     return {
-      current: keyView(created, config.tokens.ttlSeconds, now),
-      previous: previous === undefined ? null : keyView(previous, config.tokens.ttlSeconds, now)
+      current: keyView(created, config.tokens, now),
+      previous: previous === undefined ? null : keyView(previous, config.tokens, now)
     }
   })
 }

@@ -1,4 +1,6 @@
+import type { Config } from '../../shared/config.js'
 import type { SigningKeyRow } from '../../shared/db/signing-keys.js'
+import { verifiesUntil } from '../../shared/keys.js'
 
 // Never the row itself: it carries the encrypted private key, which no output should.
 export interface KeyView {
@@ -11,8 +13,8 @@ export interface KeyView {
   readonly verifiesUntil: Date | null
 }
 
-export function keyView (row: SigningKeyRow, ttlSeconds: number, now: Date): KeyView {
-  const verifiesUntil = row.retiredAt === null ? null : new Date(row.retiredAt.getTime() + ttlSeconds * 1000)
-  const state = verifiesUntil === null ? 'current' : verifiesUntil.getTime() > now.getTime() ? 'retired' : 'expired'
-  return { kid: row.kid, alg: row.alg, state, createdAt: row.createdAt, retiredAt: row.retiredAt, verifiesUntil }
+export function keyView (row: SigningKeyRow, tokens: Config['tokens'], now: Date): KeyView {
+  const until = verifiesUntil(row, tokens)
+  const state = until === Infinity ? 'current' : until > now.getTime() ? 'retired' : 'expired'
+  return { kid: row.kid, alg: row.alg, state, createdAt: row.createdAt, retiredAt: row.retiredAt, verifiesUntil: until === Infinity ? null : new Date(until) }
 }

@@ -65,6 +65,15 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
       throw translateUpstreamError(err, false)
     }
     metrics.upstreamDuration.observe({ status: String(response.statusCode) }, (performance.now() - started) / 1000)
+    // The upstream only ever sees the gateway's credentials, so its 401/407 is our
+    // misconfiguration: passing it on would send the frontend fetching new tokens forever.
+    if (response.statusCode === 401 || response.statusCode === 407 || response.statusCode < 100 || response.statusCode > 599) {
+      // Read and drop the (small) body so the pooled connection is reused, not torn down.
+      await response.body.dump().catch(() => {})
+      reply.raw.off('close', onClose)
+      request.log.warn({ upstreamStatus: response.statusCode }, 'upstream refused the gateway or answered nonsense')
+      throw new GatewayError(response.statusCode < 100 || response.statusCode > 599 ? 'UPSTREAM_ERROR' : 'UPSTREAM_AUTH_FAILED')
+    }
     response.body.once('error', err => {
       if (abort.signal.aborted) request.log.info('client closed the request during the response')
       else request.log.warn({ err: translateUpstreamError(err, true) }, 'upstream response body failed')
@@ -73,7 +82,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
     await reply.send(response.body)
   }
 
-  const routeOptions = { onRequest: [identify(options.registry), requireToken(options.tokens)] }
+  const routeOptions = { preValidation: [identify(options.registry), requireToken(options.tokens)] }
   app.route({ method: [...METHODS], url: proxyPrefix, ...routeOptions, handler: forward })
   app.route({ method: [...METHODS], url: `${proxyPrefix}/*`, ...routeOptions, handler: forward })
 }

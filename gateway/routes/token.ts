@@ -23,7 +23,7 @@ export async function tokenRoutes (app: FastifyInstance, options: TokenRouteOpti
 
   app.post('/v1/token', {
     bodyLimit: 4096,
-    onRequest: identify(registry)
+    preValidation: identify(registry)
   }, async (request, reply) => {
     const machine = request.machine as Machine
     const form = (request.body ?? {}) as Record<string, unknown>

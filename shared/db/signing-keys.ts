@@ -12,8 +12,9 @@ export interface SigningKeyRow {
 
 export const SIGNING_KEYS_CHANNEL = 'ehr_signing_keys_changed'
 
-// Any fixed number; serialises "create the first key" across gateway instances.
-const FIRST_KEY_LOCK = 7_204_512_114
+// Any fixed number; serialises changes of the current key (first start, rotations) across
+// gateway instances and admins.
+const CURRENT_KEY_LOCK = 7_204_512_114
 
 export function signingKeysRepository (sql: Sql) {
   async function list (): Promise<SigningKeyRow[]> {
@@ -33,6 +34,7 @@ export function signingKeysRepository (sql: Sql) {
   // transaction, so there is always exactly one.
   async function rotateTo (key: Omit<SigningKeyRow, 'createdAt' | 'retiredAt'>): Promise<SigningKeyRow> {
     return await sql.begin(async tx => {
+      await tx`select pg_advisory_xact_lock(${CURRENT_KEY_LOCK})`
       await tx`update signing_keys set retired_at = now() where retired_at is null`
       const [row] = await tx<SigningKeyRow[]>`insert into signing_keys ${tx(key as unknown as Record<string, unknown>, 'kid', 'alg', 'publicJwk', 'privateKeyEncrypted')} returning *`
       return row as SigningKeyRow
@@ -42,7 +44,7 @@ export function signingKeysRepository (sql: Sql) {
   // First start: exactly one instance creates the key, the others see it.
   async function ensureCurrent (create: () => Promise<Omit<SigningKeyRow, 'createdAt' | 'retiredAt'>>): Promise<SigningKeyRow> {
     return await sql.begin(async tx => {
-      await tx`select pg_advisory_xact_lock(${FIRST_KEY_LOCK})`
+      await tx`select pg_advisory_xact_lock(${CURRENT_KEY_LOCK})`
       const [current] = await tx<SigningKeyRow[]>`select * from signing_keys where retired_at is null`
       if (current !== undefined) return current
       const key = await create()

@@ -35,6 +35,7 @@ const valid = {
   EHR_UPSTREAM_URL: 'http://127.0.0.1:1/fhir',
   EHR_API_KEY: API_KEY,
   TOKEN_KEY_ENCRYPTION_KEY: KEK,
+  TOKEN_ISSUER: 'https://ehr-gateway.hospital.example',
   NODE_ENV: 'production'
 }
 
@@ -116,7 +117,7 @@ t.test('config check names every bad or missing variable, and no secret', async 
   secretsAbsent(t, json.stdout)
   const { error } = parseJson<JsonError>(json)
   t.equal(error.code, 'CONFIG_INVALID')
-  t.same(new Set(error.problems?.map(p => p.variable)), new Set(['DATABASE_URL', 'GATEWAY_PORT', 'TLS_CERT_FILE', 'TLS_KEY_FILE', 'EHR_UPSTREAM_URL', 'TOKEN_KEY_ENCRYPTION_KEY', 'TRUSTED_PROXIES', 'TOKEN_SINGLE_USE']))
+  t.same(new Set(error.problems?.map(p => p.variable)), new Set(['DATABASE_URL', 'GATEWAY_PORT', 'TLS_CERT_FILE', 'TLS_KEY_FILE', 'EHR_UPSTREAM_URL', 'TOKEN_KEY_ENCRYPTION_KEY', 'TOKEN_ISSUER', 'TRUSTED_PROXIES', 'TOKEN_SINGLE_USE']))
 })
 
 t.test('config check loads the TLS files', async t => {

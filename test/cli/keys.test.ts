@@ -64,8 +64,9 @@ t.test('rotating twice more leaves one current key and retired ones', async t =>
   for (const k of list) {
     t.notOk('privateKeyEncrypted' in k, 'no key material in the output')
     if (k.retiredAt === null) continue
-    // Default TOKEN_TTL_SECONDS: a retired key verifies for the 300 s its last token may live.
-    t.equal(Date.parse(k.verifiesUntil ?? '') - Date.parse(k.retiredAt), 300_000)
+    // Defaults: a retired key verifies for the 300 s its last token may live, plus the 5 s
+    // clock tolerance the gateway grants.
+    t.equal(Date.parse(k.verifiesUntil ?? '') - Date.parse(k.retiredAt), 305_000)
   }
 
   const tty = await ehrctl(['keys', 'list'], { env, cwd, tty: true })
@@ -78,7 +79,7 @@ t.test('rotating twice more leaves one current key and retired ones', async t =>
 })
 
 t.test('TOKEN_TTL_SECONDS and the clock decide when a retired key has expired', async t => {
-  const short = parseJson<KeyJson[]>(await ehrctl(['keys', 'list', '--json'], { env: { ...env, TOKEN_TTL_SECONDS: '10' }, cwd }))
+  const short = parseJson<KeyJson[]>(await ehrctl(['keys', 'list', '--json'], { env: { ...env, TOKEN_TTL_SECONDS: '10', TOKEN_CLOCK_TOLERANCE_SECONDS: '0' }, cwd }))
   for (const k of short.filter(k => k.retiredAt !== null)) {
     t.equal(Date.parse(k.verifiesUntil ?? '') - Date.parse(k.retiredAt ?? ''), 10_000)
   }

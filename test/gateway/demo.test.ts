@@ -75,7 +75,7 @@ t.test('demo --check runs the flow, prints the curl commands and stops cleanly',
   t.match(output, /TOKEN=\$\(curl .* -s -X POST https:\/\/localhost:\d+\/v1\/token \| node -pe /)
   t.match(output, /-H "Authorization: Bearer \$TOKEN" https:\/\/localhost:\d+\/fhir\/Patient\/example-0001/)
   t.match(output, /curl http:\/\/127\.0\.0\.1:\d+\/metrics/)
-  t.match(output, /export DATABASE_URL=postgres(ql)?:\/\/\S+ TLS_CLIENT_CA_FILE=\/\S+ca\.crt/)
+  t.match(output, /export DATABASE_URL='?postgres(ql)?:\/\/\S+'? TLS_CLIENT_CA_FILE=\/\S+ca\.crt/)
   t.match(output, /ehrctl\.js machine list/)
   t.match(output, /nothing left running/)
   await assertDatabaseDropped(t, output)

@@ -446,3 +446,67 @@ t.test('an upstream URL without a path proxies the bare prefix to /', async t =>
   t.equal(bare.status, 200, `bare prefix: ${bare.text}`)
 })
 
+
+// Review finding: framing errors were answered with Fastify's own JSON, no code, no headers.
+t.test('malformed HTTP gets a problem with security headers and a closed connection', async t => {
+  const port = Number(new URL(gw.url).port)
+  const send = async (head: string): Promise<string> => await new Promise<string>((resolve, reject) => {
+    const socket = tlsConnect({ host: '127.0.0.1', port, servername: 'localhost', ca: gw.pki.ca.cert, cert: pair.cert, key: pair.key }, () => { socket.write(head) })
+    const chunks: Buffer[] = []
+    socket.on('data', (c: Buffer) => { chunks.push(c) })
+    socket.on('close', () => { resolve(Buffer.concat(chunks).toString()) })
+    socket.on('error', reject)
+  })
+  const smuggle = await send('POST /fhir/Patient HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n')
+  t.match(smuggle, /^HTTP\/1\.1 400 /)
+  t.match(smuggle, /content-type: application\/problem\+json/)
+  t.match(smuggle, /strict-transport-security: max-age=\d+/)
+  t.match(smuggle, /"code":"BAD_REQUEST"/)
+  const huge = await send(`GET /fhir/Patient/1 HTTP/1.1\r\nHost: localhost\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`)
+  t.match(huge, /^HTTP\/1\.1 431 /)
+  t.match(huge, /"code":"HEADERS_TOO_LARGE"/)
+  t.equal(gw.upstream.requests.length, 0)
+})
+
+// Review finding: the EHR only ever sees our credentials, so its 401 is our fault.
+t.test("an upstream 401 is the gateway's problem: 502 UPSTREAM_AUTH_FAILED, no upstream challenge", async t => {
+  gw.upstream.setHandler((_req, res) => {
+    res.writeHead(401, { 'www-authenticate': 'Bearer realm="https://accounts.example/"', 'content-type': 'application/json' })
+    res.end('{"error":"project example-internal-123 denied"}')
+  })
+  t.teardown(() => { gw.upstream.setHandler((_req, res) => { res.writeHead(200, { 'content-type': 'application/fhir+json' }); res.end('{}') }) })
+  const res = await raw(gw, agent, '/fhir/Patient/1', { headers: auth })
+  assertProblem(t, res, 502, 'UPSTREAM_AUTH_FAILED')
+  t.equal(res.headers['www-authenticate'], undefined)
+  t.notMatch(res.text, /example-internal/)
+})
+
+t.test('upstream cookies, server software and tracing headers stay behind', async t => {
+  gw.upstream.setHandler((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/fhir+json', 'set-cookie': 'GCLB=abc', server: 'ESF', via: '1.1 google', 'x-cloud-trace-context': 'abc/1', etag: 'W/"2"' })
+    res.end('{}')
+  })
+  t.teardown(() => { gw.upstream.setHandler((_req, res) => { res.writeHead(200, { 'content-type': 'application/fhir+json' }); res.end('{}') }) })
+  const res = await raw(gw, agent, '/fhir/Patient/1', { headers: auth })
+  t.equal(res.status, 200)
+  for (const name of ['set-cookie', 'server', 'via', 'x-cloud-trace-context']) t.equal(res.headers[name], undefined, `${name} dropped`)
+  t.equal(res.headers['etag'], 'W/"2"')
+})
+
+t.test('method overrides, original-URL and quota headers never reach the upstream', async t => {
+  const spoof = {
+    'x-http-method-override': 'DELETE',
+    'x-original-url': '/admin',
+    'x-forwarded-prefix': '/evil',
+    'x-forwarded-for': '10.9.9.9',
+    'true-client-ip': '10.9.9.9',
+    'x-envoy-original-path': '/admin',
+    'x-goog-user-project': 'someone-elses-project',
+    'prefer': 'return=minimal'
+  }
+  const res = await raw(gw, agent, '/fhir/Patient/1', { headers: { ...auth, ...spoof } })
+  t.equal(res.status, 200)
+  const seen = gw.upstream.requests[0]?.headers ?? {}
+  for (const name of Object.keys(spoof).filter(n => n !== 'prefer')) t.equal(seen[name], undefined, `${name} dropped`)
+  t.equal(seen['prefer'], 'return=minimal', 'FHIR headers pass')
+})

@@ -59,3 +59,15 @@ t.test('the base path and the resource paths share one budget', async t => {
   assertRateLimited(t, res)
   t.equal(gw.upstream.requests.length, 3, 'the fourth proxied request never reached the upstream')
 })
+
+// Review finding: limits counted only requests that passed authentication, so failed
+// attempts (each costing a signature check) were unlimited.
+t.test('refused requests count against the limit of the certificate that sent them', async t => {
+  const gw = await startGateway(t, { env: { RATE_LIMIT_MAX: '4' } })
+  const a = await machine(gw, 'ws-a') // 1: the token request
+  for (let i = 0; i < 3; i++) {
+    assertProblem(t, await gw.call(a.agent, '/fhir/Patient/1', { headers: bearer(a.token + 'x') }), 401, 'TOKEN_INVALID')
+  }
+  assertRateLimited(t, await gw.call(a.agent, '/fhir/Patient/1', { headers: bearer(a.token) }))
+  t.equal(gw.upstream.requests.length, 0)
+})

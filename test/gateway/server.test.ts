@@ -1,4 +1,6 @@
 import { spawn } from 'node:child_process'
+import { createServer } from 'node:net'
+import type { AddressInfo } from 'node:net'
 import { existsSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import t from 'tap'
@@ -68,6 +70,16 @@ t.test('refuses an unmigrated database, then starts, serves and drains on SIGTER
 
   const { migrate } = await import('../../shared/db/migrations.js')
   await migrate(db.sql)
+
+  // Review finding: a start that failed half-way kept running, listening, with no signal
+  // handlers. Now it closes what it opened and exits.
+  const busy = createServer()
+  await new Promise<void>(resolve => { busy.listen(0, '127.0.0.1', resolve) })
+  t.teardown(() => { busy.close() })
+  const busyPort = String((busy.address() as AddressInfo).port)
+  const halfway = await start({ ...env, OPS_HOST: '127.0.0.1', OPS_PORT: busyPort })
+  t.equal(halfway.code, 1, 'exits when the ops port is taken')
+  t.match(halfway.stderr, /EADDRINUSE/)
   let healthz = 0
   const run = await start(env, (line, child) => {
     if (line['msg'] !== 'ehr-gateway ready') return

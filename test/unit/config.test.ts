@@ -130,3 +130,12 @@ t.test('.env.example names every variable of the schema, and only those', async 
   for (const v of VARIABLES) t.ok(named.has(v), `${v} in .env.example`)
   for (const v of FILE_SECRETS) t.ok(VARIABLES.includes(v), `${v} is a schema variable`)
 })
+
+t.test('production refuses what only works on one host or leaks credentials', async t => {
+  const production = { ...full, NODE_ENV: 'production' }
+  t.match(problems(() => loadGatewayConfig(production))['TOKEN_ISSUER'], /required in production/)
+  t.same(problems(() => loadGatewayConfig({ ...production, TOKEN_ISSUER: 'https://gw.example' })), {})
+  t.same(problems(() => loadGatewayConfig({ ...production, GATEWAY_HOST: 'gw.example' })), {}, 'a named host derives one issuer')
+  t.match(problems(() => loadGatewayConfig({ ...production, TOKEN_ISSUER: 'https://gw.example', EHR_UPSTREAM_URL: 'http://ehr.internal/fhir' }))['EHR_UPSTREAM_URL'], /https/)
+  t.same(problems(() => loadGatewayConfig({ ...production, TOKEN_ISSUER: 'https://gw.example', EHR_UPSTREAM_URL: 'http://127.0.0.1:8080/fhir' })), {}, 'a sidecar on this host may be plain http')
+})
