@@ -82,11 +82,11 @@ function clientErrorResponse (err: NodeJS.ErrnoException): string {
     `content-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(problem)}\r\nconnection: close\r\n${headers}\r\n${problem}`
 }
 
-function toGatewayError (err: FastifyError | GatewayError | Error): GatewayError {
+function toGatewayError (err: FastifyError | GatewayError | Error, request: FastifyRequest): GatewayError {
   if (err instanceof GatewayError) return err
   const fe = err as FastifyError
   const status = fe.statusCode ?? 500
-  if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return new GatewayError('BODY_TOO_LARGE', ['the limit'], { cause: err })
+  if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return new GatewayError('BODY_TOO_LARGE', [request.routeOptions.bodyLimit], { cause: err })
   if (fe.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return new GatewayError('UNSUPPORTED_MEDIA_TYPE', [], { cause: err })
   if (status >= 400 && status < 500) return new GatewayError('BAD_REQUEST', ['the request body or headers are malformed'], { cause: err })
   return new GatewayError('INTERNAL_ERROR', [], { cause: err })
@@ -101,7 +101,7 @@ function sendProblem (err: GatewayError, request: FastifyRequest, reply: Fastify
   request.errorReason = err.message
   if (UNREAD_BODY.has(err.code)) reply.header('connection', 'close')
   return reply
-    .header('x-request-id', request.id)
+    .header('x-request-id', request.id) // here too: frameworkErrors answers skip onSend
     .code(err.statusCode)
     .headers(err.headers)
     .type('application/problem+json')
@@ -178,7 +178,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   app.decorateRequest('errorReason', null)
 
   app.setErrorHandler((err: FastifyError | GatewayError, request, reply) => {
-    const gw = toGatewayError(err)
+    const gw = toGatewayError(err, request)
     // Refusals are in the access log with their code and reason; faults also get the cause.
     if (gw.statusCode >= 500) request.log.error({ err, code: gw.code }, gw.message)
     return sendProblem(gw, request, reply)
