@@ -17,7 +17,7 @@ import { MachineRegistry } from './registry.js'
 import { proxyRoutes } from './routes/proxy.js'
 import { tokenRoutes } from './routes/token.js'
 import { wellKnownRoutes } from './routes/well-known.js'
-import { helmetDefaultHeaders } from './security-headers.js'
+import { HELMET_OPTIONS, helmetHeaders } from './security-headers.js'
 import { SigningKeys } from './signing-keys.js'
 import { loadTlsOptions } from './tls.js'
 import type { GatewayTlsOptions } from './tls.js'
@@ -68,7 +68,7 @@ export function withoutQueryValues (url: string): string {
 }
 
 // What helmet adds, for the answers Fastify gives before any hook runs.
-const PRE_ROUTING_HEADERS = helmetDefaultHeaders()
+const PRE_ROUTING_HEADERS = helmetHeaders()
 
 // Malformed HTTP (bad framing, oversized headers, a request that took too long) never
 // becomes a request; answer it on the socket as a problem, then close it.
@@ -208,8 +208,8 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     }, 'request')
   })
 
-  // HSTS and the rest of helmet's defaults on every response, errors included.
-  await app.register(helmet, { global: true })
+  // HSTS and the rest of the API security headers on every response, errors included.
+  await app.register(helmet, { ...HELMET_OPTIONS, global: true })
   // One budget per machine certificate across the token endpoint and every proxied route
   // (route-level limits would each get a store of their own and multiply the allowance).
   // It runs first, before the registry and token checks, so failed attempts count too.

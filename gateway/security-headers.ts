@@ -1,15 +1,33 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import helmet from 'helmet'
 
-// helmet's default headers as a plain object, computed once. @fastify/helmet sets them on
-// every response that reaches a route; the few answers Fastify gives before routing
-// (undecodable URLs, malformed HTTP) use this same set, so the two cannot drift apart.
-export function helmetDefaultHeaders (): Readonly<Record<string, string>> {
+// helmet tuned for an API that serves JSON, never pages (OWASP REST Security Cheat Sheet,
+// "Security headers"): a CSP that allows nothing, no framing, no referrer, HSTS; the
+// headers that only matter to HTML documents in old browsers are left out, which also
+// keeps every response ~400 bytes lighter.
+// Left to inference: @fastify/helmet sees helmet's CommonJS typings, this file its ESM ones,
+// and TypeScript treats the two HelmetOptions as unrelated types.
+export const HELMET_OPTIONS = {
+  contentSecurityPolicy: { useDefaults: false, directives: { defaultSrc: ["'none'"], frameAncestors: ["'none'"] } },
+  xFrameOptions: { action: 'deny' },
+  strictTransportSecurity: { maxAge: 31_536_000, includeSubDomains: true },
+  referrerPolicy: { policy: 'no-referrer' },
+  originAgentCluster: false,
+  xDnsPrefetchControl: false,
+  xDownloadOptions: false,
+  xPermittedCrossDomainPolicies: false,
+  xXssProtection: false
+} satisfies Parameters<typeof helmet>[0]
+
+// The same headers as a plain object, computed once. @fastify/helmet sets them on every
+// response that reaches a route; the few answers Fastify gives before routing (undecodable
+// URLs, malformed HTTP) use this object, so the two cannot drift apart.
+export function helmetHeaders (): Readonly<Record<string, string>> {
   const headers: Record<string, string> = {}
   const res = {
     setHeader (name: string, value: string | number | readonly string[]) { headers[name.toLowerCase()] = String(value) },
     removeHeader (name: string) { delete headers[name.toLowerCase()] }
   }
-  helmet()({} as IncomingMessage, res as unknown as ServerResponse, () => {})
+  helmet(HELMET_OPTIONS)({} as IncomingMessage, res as unknown as ServerResponse, () => {})
   return Object.freeze(headers)
 }
