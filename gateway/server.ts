@@ -29,7 +29,7 @@ async function closeAll (closers: Closer[], log: (msg: string, err: unknown) => 
 async function main (): Promise<void> {
   // The gateway process is production unless told otherwise: the development fallbacks
   // (embedded Postgres, a key-encryption key kept in ./.data) need NODE_ENV=development.
-  const config = loadGatewayConfig({ NODE_ENV: 'production', ...process.env }, { dotenvPath: '.env', devKeyEncryptionKey: devKeyEncryptionKey() })
+  const config = loadGatewayConfig(process.env, { dotenvPath: '.env', defaults: { NODE_ENV: 'production' }, devKeyEncryptionKey: devKeyEncryptionKey() })
   const closers: Closer[] = []
   let app: FastifyInstance | undefined
   const logError = (msg: string, err: unknown): void => {

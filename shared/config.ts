@@ -166,6 +166,9 @@ export interface LoadOptions {
   readonly needs?: readonly Need[]
   // A .env file merged beneath `env` (real environment wins), as docker compose does.
   readonly dotenvPath?: string | false
+  // Beneath both: what a program assumes when neither sets a variable (the gateway
+  // process assumes NODE_ENV=production).
+  readonly defaults?: Env
   // Development-only fallback for TOKEN_KEY_ENCRYPTION_KEY, read by the caller that owns the
   // data directory; the config module itself never writes files.
   readonly devKeyEncryptionKey?: () => string
@@ -235,9 +238,8 @@ type Raw = Record<string, string | number | undefined>
 export function loadConfig (env: Env, options: LoadOptions = {}): Config {
   const needs = new Set(options.needs ?? [])
   const problems: Problem[] = []
-  const merged: Env = options.dotenvPath === undefined || options.dotenvPath === false
-    ? env
-    : { ...readDotenv(resolve(options.dotenvPath)), ...env }
+  const dotenv = options.dotenvPath === undefined || options.dotenvPath === false ? {} : readDotenv(resolve(options.dotenvPath))
+  const merged: Env = { ...options.defaults, ...dotenv, ...env }
   const resolved = resolveFileSecrets(merged, problems)
 
   let raw: Raw

@@ -15,9 +15,9 @@ if (!existsSync(server)) t.plan(0, 'dist/ missing: npm test builds before runnin
 
 interface Run { code: number | null, stdout: string, stderr: string, lines: Array<Record<string, unknown>> }
 
-function start (env: Record<string, string>, onLine?: (line: Record<string, unknown>, child: ReturnType<typeof spawn>) => void): Promise<Run> {
+function start (env: Record<string, string>, onLine?: (line: Record<string, unknown>, child: ReturnType<typeof spawn>) => void, cwd?: string): Promise<Run> {
   return new Promise(resolve => {
-    const child = spawn(process.execPath, [server], { env: { PATH: process.env['PATH'] ?? '', ...env }, cwd: t.testdir({}) })
+    const child = spawn(process.execPath, [server], { env: { PATH: process.env['PATH'] ?? '', ...env }, cwd: cwd ?? t.testdir({}) })
     const run: Run = { code: null, stdout: '', stderr: '', lines: [] }
     child.stdout.on('data', (chunk: Buffer) => {
       run.stdout += String(chunk)
@@ -93,4 +93,26 @@ t.test('refuses an unmigrated database, then starts, serves and drains on SIGTER
   t.equal(healthz, 200)
   t.equal(run.code, 0, run.stderr)
   t.ok(run.lines.some(l => l['msg'] === 'shutting down: draining in-flight requests'))
+})
+
+// npm start assumes production, but a .env saying development wins over that assumption:
+// the development fallbacks (embedded Postgres in ./.data) then apply, and stop cleanly.
+t.test('NODE_ENV=development in .env selects the embedded Postgres', async t => {
+  const pki = await createPki(t)
+  const dir = t.testdir({
+    '.env': [
+      'NODE_ENV=development',
+      `TLS_CERT_FILE=${pki.certFile}`,
+      `TLS_KEY_FILE=${pki.keyFile}`,
+      `TLS_CLIENT_CA_FILE=${pki.caFile}`,
+      'EHR_UPSTREAM_URL=http://127.0.0.1:1/fhir',
+      'GATEWAY_PORT=0',
+      'OPS_PORT=0'
+    ].join('\n')
+  })
+  const run = await start({}, undefined, dir)
+  t.equal(run.code, 1)
+  t.match(run.stderr, /DB_NOT_MIGRATED.*ehrctl db migrate/, 'reached the embedded database, unmigrated')
+  t.ok(existsSync(`${dir}/.data/postgres/PG_VERSION`), 'initialised in ./.data')
+  t.notOk(existsSync(`${dir}/.data/postgres.owner`), 'and stopped it again')
 })

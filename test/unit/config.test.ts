@@ -94,6 +94,9 @@ t.test('<NAME>_FILE secrets and .env', async t => {
   const { TOKEN_KEY_ENCRYPTION_KEY: _k, ...noKek } = full
   t.equal(loadGatewayConfig({ ...noKek, TOKEN_KEY_ENCRYPTION_KEY_FILE: join(dir, 'kek') }).tokens.keyEncryptionKey?.reveal(), kek)
   t.same(loadGatewayConfig(full, { dotenvPath: join(dir, 'no-such.env') }).gateway.port, 8443, 'a missing .env is fine')
+  const withDefaults = { dotenvPath: join(dir, '.env'), defaults: { GATEWAY_PORT: '1', OPS_PORT: '2' } }
+  t.equal(loadGatewayConfig(full, withDefaults).gateway.port, 9443, '.env wins over program defaults')
+  t.equal(loadGatewayConfig(full, withDefaults).ops.port, 2, 'program defaults fill what neither sets')
 })
 
 t.test('secrets are redacted however the config is printed', async t => {
