@@ -28,14 +28,16 @@ export const migrations: readonly Migration[] = [
       -- A name is reusable once its machine is revoked; a certificate never is.
       create unique index machines_active_name on machines (name) where revoked_at is null;
 
-      create function machines_notify() returns trigger language plpgsql as $$
+      -- One trigger function for every table whose changes running gateways must hear:
+      -- notifies channel TG_ARGV[0] with the changed row's column TG_ARGV[1].
+      create function notify_row_change() returns trigger language plpgsql as $$
       begin
-        perform pg_notify('ehr_machine_changed',
-          case when tg_op = 'DELETE' then old.fingerprint else new.fingerprint end);
+        perform pg_notify(tg_argv[0],
+          to_jsonb(case when tg_op = 'DELETE' then old else new end) ->> tg_argv[1]);
         return null;
       end $$;
       create trigger machines_changed after insert or update or delete on machines
-        for each row execute function machines_notify();
+        for each row execute function notify_row_change('ehr_machine_changed', 'fingerprint');
 
       create table signing_keys (
         kid text primary key,
@@ -48,14 +50,8 @@ export const migrations: readonly Migration[] = [
       );
       create unique index signing_keys_one_current on signing_keys ((true)) where retired_at is null;
 
-      create function signing_keys_notify() returns trigger language plpgsql as $$
-      begin
-        perform pg_notify('ehr_signing_keys_changed',
-          case when tg_op = 'DELETE' then old.kid else new.kid end);
-        return null;
-      end $$;
       create trigger signing_keys_changed after insert or update or delete on signing_keys
-        for each row execute function signing_keys_notify();
+        for each row execute function notify_row_change('ehr_signing_keys_changed', 'kid');
     `
   }
 ]
