@@ -1,12 +1,12 @@
 import { ConfigError, GATEWAY_NEEDS, readDotenv } from '../../shared/config.js'
-import type { Config } from '../../shared/config.js'
+import type { Config, ConfigProblem } from '../../shared/config.js'
 import { Secret } from '../../shared/secret.js'
 import { configFor, resolvePath } from '../context.js'
 import type { Context } from '../context.js'
 import type { Human } from '../output.js'
 import type { Verb } from '../verb.js'
 import { tlsFileProblems } from './tls-files.js'
-import type { Problem, TlsPaths } from './tls-files.js'
+import type { TlsPaths } from './tls-files.js'
 
 export type CheckConfigInput = Record<string, never>
 
@@ -25,7 +25,7 @@ function pathsFromEnv (ctx: Context): TlsPaths {
 }
 
 async function run (_input: CheckConfigInput, ctx: Context): Promise<CheckConfigOutput> {
-  const problems: Problem[] = []
+  const problems: ConfigProblem[] = []
   let config: Config | undefined
   try {
     config = configFor(ctx, GATEWAY_NEEDS)

@@ -1,11 +1,9 @@
 import { X509Certificate, createPrivateKey } from 'node:crypto'
 import type { KeyObject } from 'node:crypto'
-import { ConfigError } from '../../shared/config.js'
+import type { ConfigProblem } from '../../shared/config.js'
 import { parseCaBundle, readPemFile } from '../../shared/certificates.js'
 import { isGatewayError } from '../../shared/errors.js'
 import { formatTime } from '../output.js'
-
-export type Problem = ConfigError['problems'][number]
 
 export interface TlsPaths {
   readonly certFile: string | undefined
@@ -15,7 +13,7 @@ export interface TlsPaths {
 
 // Runs `parse` and turns a failure into a problem for `variable`; the messages name the
 // file and what is wrong with it, never its contents (the key file is a secret).
-async function attempt<T> (problems: Problem[], variable: string, parse: () => Promise<T>, fallback: string): Promise<T | undefined> {
+async function attempt<T> (problems: ConfigProblem[], variable: string, parse: () => Promise<T>, fallback: string): Promise<T | undefined> {
   try {
     return await parse()
   } catch (err) {
@@ -26,8 +24,8 @@ async function attempt<T> (problems: Problem[], variable: string, parse: () => P
 
 // What the gateway's TLS listener would trip over at start, found before it starts.
 // `paths` are absolute.
-export async function tlsFileProblems (paths: TlsPaths, now: Date): Promise<Problem[]> {
-  const problems: Problem[] = []
+export async function tlsFileProblems (paths: TlsPaths, now: Date): Promise<ConfigProblem[]> {
+  const problems: ConfigProblem[] = []
   let cert: X509Certificate | undefined
   let key: KeyObject | undefined
   const { certFile, keyFile, clientCaFile } = paths
