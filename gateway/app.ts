@@ -9,6 +9,7 @@ import type { Sql } from 'postgres'
 import type { GatewayConfig } from '../shared/config.js'
 import { keyEncryptionKeyBytes } from '../shared/config.js'
 import { GatewayError, errorSpecs, toProblem } from '../shared/errors.js'
+import { createUpstreamCredentials } from '../shared/upstream-auth.js'
 import type { ErrorCode } from '../shared/errors.js'
 import { rateLimitKey } from './identity.js'
 import { createMetrics } from './metrics.js'
@@ -224,6 +225,11 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
 
   await app.register(wellKnownRoutes, { keys, config })
   await app.register(tokenRoutes, { registry, tokens, metrics })
-  await app.register(proxyRoutes, { config, registry, tokens, upstream: deps.upstream, metrics })
+  const credentials = createUpstreamCredentials(config.upstream, {
+    clock,
+    log: app.log,
+    onFetch: (mode, result) => { metrics.upstreamTokenFetches.inc({ mode, result }) }
+  })
+  await app.register(proxyRoutes, { config, registry, tokens, upstream: deps.upstream, metrics, credentials })
   return app
 }

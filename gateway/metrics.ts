@@ -39,7 +39,13 @@ export function createMetrics () {
     labelNames: ['result'] as const,
     registers: [registry]
   })
-  return { registry, requests, duration, upstreamDuration, tokensIssued, registryLookups }
+  const upstreamTokenFetches = new Counter({
+    name: 'ehr_gateway_upstream_token_fetches_total',
+    help: 'Upstream access-token fetches, by token source mode and result (ok, error)',
+    labelNames: ['mode', 'result'] as const,
+    registers: [registry]
+  })
+  return { registry, requests, duration, upstreamDuration, tokensIssued, registryLookups, upstreamTokenFetches }
 }
 
 export type Metrics = ReturnType<typeof createMetrics>

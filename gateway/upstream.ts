@@ -49,15 +49,17 @@ function connectionListed (value: string | string[] | undefined): Set<string> | 
   return new Set(names.map(n => n.trim().toLowerCase()).filter(n => n !== ''))
 }
 
-export function upstreamRequestHeaders (incoming: IncomingHttpHeaders, apiKeyHeader: string, apiKey: string | undefined, requestId: string): Record<string, string | string[]> {
+// `credentials`: the gateway's own headers (API key, Authorization, quota project), from
+// shared/upstream-auth.ts; a client header of the same name never passes.
+export function upstreamRequestHeaders (incoming: IncomingHttpHeaders, apiKeyHeader: string, credentials: Readonly<Record<string, string>>, requestId: string): Record<string, string | string[]> {
   const listed = connectionListed(incoming.connection)
   const out: Record<string, string | string[]> = {}
   for (const name in incoming) {
     const value = incoming[name]
-    if (value === undefined || dropped(name) || name === apiKeyHeader || listed?.has(name) === true) continue
+    if (value === undefined || dropped(name) || name === apiKeyHeader || name in credentials || listed?.has(name) === true) continue
     out[name] = value
   }
-  if (apiKey !== undefined) out[apiKeyHeader] = apiKey
+  for (const name in credentials) out[name] = credentials[name] as string
   out['x-request-id'] = requestId
   return out
 }

@@ -7,6 +7,8 @@ import envSchema from 'env-schema'
 import { parseDuration } from './duration.js'
 import { GatewayError } from './errors.js'
 import { Secret, maskUrlPassword } from './secret.js'
+import { parseUpstreamAuth } from './upstream-auth-config.js'
+import type { UpstreamTokenSourceConfig } from './upstream-auth-config.js'
 
 export type Env = Readonly<Record<string, string | undefined>>
 
@@ -36,6 +38,7 @@ const schema = {
     UPSTREAM_HEADERS_TIMEOUT_MS: { type: 'integer', minimum: 1, default: 30_000 },
     UPSTREAM_BODY_TIMEOUT_MS: { type: 'integer', minimum: 1, default: 30_000 },
     BODY_LIMIT_BYTES: { type: 'integer', minimum: 1, default: 10 * 1024 * 1024 },
+    UPSTREAM_AUTH_TIMEOUT_MS: { type: 'integer', minimum: 100, maximum: 60_000, default: 5000 },
     TOKEN_ISSUER: { type: 'string', pattern: '^https?://' },
     TOKEN_AUDIENCE: { type: 'string', minLength: 1 },
     TOKEN_TTL_SECONDS: { type: 'integer', minimum: 10, maximum: 86_400, default: 300 },
@@ -54,18 +57,22 @@ const schema = {
     GATEWAY_WORKERS: { type: 'string' },
     CORS_ORIGINS: { type: 'string' },
     REDIS_URL: { type: 'string' },
+    // Upstream token sources (shared/upstream-auth-config.ts checks the combinations).
     GOOGLE_OAUTH_CLIENT_ID: { type: 'string' },
     GOOGLE_OAUTH_CLIENT_SECRET: { type: 'string' },
     GOOGLE_OAUTH_REDIRECT_URI: { type: 'string' },
     GOOGLE_OAUTH_REFRESH_TOKEN: { type: 'string' },
     GOOGLE_APPLICATION_CREDENTIALS: { type: 'string' },
     GOOGLE_TOKEN_URL: { type: 'string' },
-    GOOGLE_QUOTA_PROJECT: { type: 'string' },
+    GOOGLE_SCOPES: { type: 'string' },
+    // A header value; project ids and numbers are [a-z0-9-].
+    GOOGLE_QUOTA_PROJECT: { type: 'string', pattern: '^[A-Za-z0-9._:-]+$' },
     SMART_TOKEN_URL: { type: 'string' },
     SMART_CLIENT_ID: { type: 'string' },
     SMART_PRIVATE_KEY_FILE: { type: 'string' },
     SMART_KEY_ID: { type: 'string' },
-    SMART_SCOPE: { type: 'string' }
+    SMART_SCOPE: { type: 'string' },
+    SMART_ALG: { type: 'string', enum: ['ES384', 'RS384'] }
   }
 } as const
 
@@ -80,18 +87,15 @@ export const FILE_SECRETS = [
   'REDIS_URL',
   'GOOGLE_OAUTH_CLIENT_ID',
   'GOOGLE_OAUTH_CLIENT_SECRET',
+  'GOOGLE_OAUTH_REDIRECT_URI',
   'GOOGLE_OAUTH_REFRESH_TOKEN'
 ] as const
 
 // Setting one of these and having it silently ignored would give a false sense of
-// security (TOKEN_SINGLE_USE) or a wrong upstream identity (GOOGLE_*), so they are refused
-// until the release that implements them.
+// security (TOKEN_SINGLE_USE), so they are refused until the release that implements them.
 const NOT_YET_SUPPORTED = [
   'TOKEN_REQUIRE_DPOP', 'TOKEN_SINGLE_USE', 'TOKEN_ENCRYPT', 'GATEWAY_WORKERS', 'CORS_ORIGINS',
-  'REDIS_URL', 'GOOGLE_OAUTH_CLIENT_ID', 'GOOGLE_OAUTH_CLIENT_SECRET', 'GOOGLE_OAUTH_REDIRECT_URI',
-  'GOOGLE_OAUTH_REFRESH_TOKEN', 'GOOGLE_APPLICATION_CREDENTIALS', 'GOOGLE_TOKEN_URL',
-  'GOOGLE_QUOTA_PROJECT', 'SMART_TOKEN_URL', 'SMART_CLIENT_ID', 'SMART_PRIVATE_KEY_FILE',
-  'SMART_KEY_ID', 'SMART_SCOPE'
+  'REDIS_URL'
 ] as const
 
 // What a caller is about to do decides which variables must be present.
@@ -129,6 +133,9 @@ export interface Config {
     readonly connectTimeoutMs: number
     readonly headersTimeoutMs: number
     readonly bodyTimeoutMs: number
+    // undefined: no token source, only EHR_API_KEY (if set)
+    readonly tokenSource: UpstreamTokenSourceConfig | undefined
+    readonly authTimeoutMs: number
   }
   readonly tokens: {
     readonly issuer: string
@@ -296,6 +303,8 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
     }
   }
 
+  const tokenSource = parseUpstreamAuth(str, production, problems)
+
   const trustedProxies = (str('TRUSTED_PROXIES') ?? '').split(',').map(s => s.trim()).filter(s => s !== '')
   const badCidrs = trustedProxies.filter(c => !isCidr(c))
   if (badCidrs.length > 0) {
@@ -367,7 +376,9 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
       connections: num('UPSTREAM_CONNECTIONS'),
       connectTimeoutMs: num('UPSTREAM_CONNECT_TIMEOUT_MS'),
       headersTimeoutMs: num('UPSTREAM_HEADERS_TIMEOUT_MS'),
-      bodyTimeoutMs: num('UPSTREAM_BODY_TIMEOUT_MS')
+      bodyTimeoutMs: num('UPSTREAM_BODY_TIMEOUT_MS'),
+      tokenSource,
+      authTimeoutMs: num('UPSTREAM_AUTH_TIMEOUT_MS')
     },
     tokens: {
       issuer,

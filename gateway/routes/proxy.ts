@@ -7,6 +7,7 @@ import { identify, requireToken } from '../identity.js'
 import type { Metrics } from '../metrics.js'
 import type { MachineRegistry } from '../registry.js'
 import type { TokenService } from '../tokens.js'
+import type { UpstreamCredentials } from '../../shared/upstream-auth.js'
 import { clientResponseHeaders, limitBody, translateUpstreamError, upstreamPath, upstreamRequestHeaders } from '../upstream.js'
 import type { UpstreamDispatcher } from '../upstream.js'
 
@@ -16,16 +17,17 @@ interface ProxyRouteOptions {
   readonly tokens: TokenService
   readonly upstream: UpstreamDispatcher
   readonly metrics: Metrics
+  readonly credentials: UpstreamCredentials
 }
 
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const
+const RETRY_ON_401: ReadonlySet<string> = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE'])
 
 // `<PROXY_PREFIX>/*` → EHR_UPSTREAM_URL (request path step 5).
 export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOptions): Promise<void> {
-  const { config, upstream, metrics } = options
+  const { config, upstream, metrics, credentials } = options
   const { proxyPrefix, apiKeyHeader, headersTimeoutMs, bodyTimeoutMs } = config.upstream
   const basePath = config.upstream.url.pathname
-  const apiKey = config.upstream.apiKey?.reveal()
   const bodyLimit = config.gateway.bodyLimitBytes
   const upstreamBasePath = basePath.replace(/\/+$/, '')
   const rewrite = { upstreamBase: config.upstream.url.origin + upstreamBasePath, upstreamBasePath, proxyPrefix }
@@ -40,31 +42,46 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
     const length = request.headers['content-length']
     if (length !== undefined && Number(length) > bodyLimit) throw new GatewayError('BODY_TOO_LARGE', [bodyLimit])
     const hasBody = length !== undefined ? length !== '0' : request.headers['transfer-encoding'] !== undefined
+    const method = request.method as (typeof METHODS)[number]
+    let auth = await credentials.headers()
 
     // A client that goes away must not leave a request running against the EHR.
     const abort = new AbortController()
     const onClose = (): void => { if (!reply.raw.writableFinished) abort.abort() }
     reply.raw.once('close', onClose)
 
-    const started = performance.now()
-    let response: Dispatcher.ResponseData
-    try {
-      response = await upstream.request({
-        method: request.method as (typeof METHODS)[number],
+    const send = async (): Promise<Dispatcher.ResponseData> => {
+      const started = performance.now()
+      const response = await upstream.request({
+        method,
         path,
-        headers: upstreamRequestHeaders(request.headers, apiKeyHeader, apiKey, request.id),
+        headers: upstreamRequestHeaders(request.headers, apiKeyHeader, auth.headers, request.id),
         body: hasBody ? Readable.from(limitBody(request.raw, bodyLimit), { objectMode: false }) : null,
         headersTimeout: headersTimeoutMs,
         bodyTimeout: bodyTimeoutMs,
         signal: abort.signal
       })
+      metrics.upstreamDuration.observe({ status: String(response.statusCode) }, (performance.now() - started) / 1000)
+      return response
+    }
+    let response: Dispatcher.ResponseData
+    try {
+      response = await send()
+      // A refused token (revoked, or expired early): one fresh token, one more try, only
+      // where repeating the request cannot do anything twice (RFC 9110 §9.2.2) and there is
+      // no streamed body we could not send again.
+      if (response.statusCode === 401 && credentials.refreshable && !hasBody && RETRY_ON_401.has(method)) {
+        await response.body.dump().catch(() => {})
+        request.log.info({ upstreamStatus: 401 }, 'upstream refused the token; refreshing it and retrying once')
+        auth = await credentials.headers(auth.token)
+        response = await send()
+      }
     } catch (err) {
       reply.raw.off('close', onClose)
       // Our own abort: the client left, the EHR did nothing wrong.
       if (abort.signal.aborted) throw new GatewayError('CLIENT_CLOSED_REQUEST', [], { cause: err })
       throw translateUpstreamError(err, false)
     }
-    metrics.upstreamDuration.observe({ status: String(response.statusCode) }, (performance.now() - started) / 1000)
     // The upstream only ever sees the gateway's credentials, so its 401/407 is our
     // misconfiguration: passing it on would send the frontend fetching new tokens forever.
     if (response.statusCode === 401 || response.statusCode === 407 || response.statusCode < 100 || response.statusCode > 599) {
@@ -72,7 +89,9 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
       await response.body.dump().catch(() => {})
       reply.raw.off('close', onClose)
       request.log.warn({ upstreamStatus: response.statusCode }, 'upstream refused the gateway or answered nonsense')
-      throw new GatewayError(response.statusCode < 100 || response.statusCode > 599 ? 'UPSTREAM_ERROR' : 'UPSTREAM_AUTH_FAILED')
+      throw response.statusCode < 100 || response.statusCode > 599
+        ? new GatewayError('UPSTREAM_ERROR')
+        : new GatewayError('UPSTREAM_AUTH_FAILED', ['were refused'])
     }
     response.body.once('error', err => {
       if (abort.signal.aborted) request.log.info('client closed the request during the response')
