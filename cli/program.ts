@@ -99,8 +99,9 @@ function build (io: Io, ctx: Context, json: boolean): Command {
     rotateKeysVerb, none)
 
   const config = program.command('config').description('gateway configuration')
-  verb(config.command('check').description('validate the environment and TLS files; print the effective config, secrets redacted'),
-    checkConfigVerb, none)
+  verb(config.command('check').description('validate the environment and TLS files; print the effective config, secrets redacted')
+    .option('--probe', 'also fetch one upstream access token to prove the credentials work (prints only its expiry)'),
+  checkConfigVerb, (_args, o) => ({ probe: o['probe'] === true }))
 
   return program
 }

@@ -152,7 +152,9 @@ function smart (str: Read, production: boolean, problems: Problem[]): SmartConfi
   let alg: SmartAlg | undefined
   if (pem !== undefined) {
     const keyAlg = key === undefined ? undefined : smartAlg(key)
-    const wanted = str('SMART_ALG') as SmartAlg | undefined
+    // An unknown value is the schema's problem already.
+    const named = str('SMART_ALG')
+    const wanted = named === 'ES384' || named === 'RS384' ? named : undefined
     if (key === undefined || key.type !== 'private') {
       problems.push({ variable: 'SMART_PRIVATE_KEY_FILE', message: `${file ?? ''} is not a PEM private key` })
     } else if (keyAlg === undefined) {
