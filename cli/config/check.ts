@@ -23,7 +23,7 @@ export interface CheckConfigOutput {
     readonly mode: string
     readonly description: string
     // Only the expiry of the probed token: the token itself is never printed.
-    readonly probe?: { readonly expiresAt: string } | { readonly skipped: string }
+    readonly probe: { readonly expiresAt: string } | { readonly skipped: string } | undefined
   }
 }
 
@@ -67,7 +67,7 @@ async function run (input: CheckConfigInput, ctx: Context): Promise<CheckConfigO
   }, ctx.now()))
   if (problems.length > 0 || config === undefined) throw new ConfigError(problems)
   const { mode, description } = createUpstreamCredentials(config.upstream)
-  const upstreamAuth = input.probe ? { mode, description, probe: await probe(config, ctx) } : { mode, description }
+  const upstreamAuth = { mode, description, probe: input.probe ? await probe(config, ctx) : undefined }
   return { ok: true, config, upstreamAuth }
 }
 
