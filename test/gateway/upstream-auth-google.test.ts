@@ -59,7 +59,8 @@ t.test('Google OAuth2 client: refresh grant, cached, refreshed ahead of expiry, 
   gw.clock.advance(3300_000)
   t.equal((await call()).status, 200)
   await waitFor(t, 'the refresh was tried', () => server.requests.length === 3)
-  await new Promise(resolve => setTimeout(resolve, 20))
+  // Long enough for gaxios' own retry (100 ms on) to show, were it not switched off.
+  await new Promise(resolve => setTimeout(resolve, 400))
   t.equal((await call()).status, 200, 'still served by the old token')
   t.equal(gw.upstream.requests.at(-1)?.headers.authorization, `Bearer ${tokenFor('ya29.oauth', 2)}`)
   t.equal(server.requests.length, 3, 'no retry inside the back-off')
