@@ -364,13 +364,16 @@ export function createUpstreamCredentials (upstream: Config['upstream'], hooks: 
   const quota: Record<string, string> = sourceConfig.mode !== 'smart' && sourceConfig.quotaProject !== undefined
     ? { 'x-goog-user-project': sourceConfig.quotaProject }
     : {}
+  let last: UpstreamAuthHeaders | undefined
   return {
     mode: sourceConfig.mode + withKey,
     description: UPSTREAM_AUTH_MODES[sourceConfig.mode] + (withKey === '' ? '' : `, plus static API key in ${upstream.apiKeyHeader}`),
     refreshable: true,
     async headers (rejected) {
       const token = await cache.token(rejected)
-      return { headers: { ...apiKey, ...quota, authorization: `Bearer ${token}` }, token }
+      // Built once per token, not per request (the hot path).
+      if (last?.token !== token) last = { headers: Object.freeze({ ...apiKey, ...quota, authorization: `Bearer ${token}` }), token }
+      return last
     },
     async probe () {
       const token = await cache.fetchOnce()
