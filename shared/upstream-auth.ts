@@ -95,7 +95,9 @@ const ALWAYS_REFRESH = Number.MAX_SAFE_INTEGER
 // The library's own transport with its retries off (our cache backs off instead, so a
 // dead endpoint is not hit three times per attempt) and its per-request timeout on. The
 // service-account grant posts to a hard-coded Google URL whatever the key file's token_uri
-// says; GOOGLE_TOKEN_URL redirects it here (Private Service Connect).
+// says; GOOGLE_TOKEN_URL redirects it here (Private Service Connect). The assertion's `aud`
+// stays Google's URL, as Google checks it behind a private endpoint too (the Java and Python
+// libraries do the same: google-auth-library-java#809, google-auth-library-python#784).
 function googleTransport (tokenUrl: URL | undefined, timeoutMs: number): gaxios.Gaxios {
   const transporter = new gaxios.Gaxios({ timeout: timeoutMs, retry: false, retryConfig: { retry: 0 } })
   if (tokenUrl !== undefined) {
