@@ -16,13 +16,16 @@ import { createMetrics } from './metrics.js'
 import type { Metrics } from './metrics.js'
 import { MachineRegistry } from './registry.js'
 import { proxyRoutes } from './routes/proxy.js'
-import { tokenRoutes } from './routes/token.js'
+import { isOAuthFormRequest, oauthError, tokenRoutes } from './routes/token.js'
 import { wellKnownRoutes } from './routes/well-known.js'
 import { HELMET_OPTIONS, helmetHeaders } from './security-headers.js'
 import { SigningKeys } from './signing-keys.js'
 import { loadTlsOptions } from './tls.js'
 import type { GatewayTlsOptions } from './tls.js'
-import { TokenService } from './tokens.js'
+import { DpopNonces } from './dpop.js'
+import { Possession } from './possession.js'
+import { ReplayStore } from './replay.js'
+import { TokenService, tokenEncryptionKey } from './tokens.js'
 import type { UpstreamDispatcher } from './upstream.js'
 
 export interface GatewayDeps {
@@ -38,6 +41,7 @@ export interface GatewayParts {
   readonly registry: MachineRegistry
   readonly keys: SigningKeys
   readonly tokens: TokenService
+  readonly possession: Possession
   readonly metrics: Metrics
 }
 
@@ -101,12 +105,14 @@ function sendProblem (err: GatewayError, request: FastifyRequest, reply: Fastify
   request.errorCode = err.code
   request.errorReason = err.message
   if (UNREAD_BODY.has(err.code)) reply.header('connection', 'close')
+  // The token endpoint's answers are OAuth errors too (RFC 6749 §5.2), problem fields kept.
+  const oauth = request.routeOptions.config?.oauthErrors === true
   return reply
     .header('x-request-id', request.id) // here too: frameworkErrors answers skip onSend
     .code(err.statusCode)
     .headers(err.headers)
-    .type('application/problem+json')
-    .send(toProblem(err, request.id))
+    .type(oauth && isOAuthFormRequest(request) ? 'application/json' : 'application/problem+json')
+    .send(oauth ? { ...oauthError(err), ...toProblem(err, request.id) } : toProblem(err, request.id))
 }
 
 // The gateway as a Fastify instance that never listens by itself (STYLE §1): gateway/server.ts
@@ -156,7 +162,12 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     now: clock,
     onReloadError: err => { app.log.error({ err }, 'reloading signing keys failed; retrying') }
   })
+  const replay = new ReplayStore(deps.sql, {
+    now: clock,
+    onCleanupError: err => { app.log.error({ err }, 'deleting expired replay entries failed; retrying on the next tick') }
+  })
   const stopListening = async (): Promise<void> => {
+    replay.close()
     await registry.close()
     await keys.close()
   }
@@ -170,8 +181,11 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     throw err
   }
   app.addHook('onClose', stopListening)
-  const tokens = new TokenService(keys, config.tokens, clock)
-  app.decorate('gateway', { registry, keys, tokens, metrics })
+  replay.startCleanup()
+  const kek = keyEncryptionKeyBytes(config.tokens.keyEncryptionKey)
+  const tokens = new TokenService(keys, config.tokens, clock, tokenEncryptionKey(kek))
+  const possession = new Possession(config, replay, config.dpop.nonce ? new DpopNonces(kek, clock) : undefined, clock)
+  app.decorate('gateway', { registry, keys, tokens, possession, metrics })
   app.decorateRequest('machine', null)
   app.decorateRequest('certThumbprint', null)
   app.decorateRequest('tokenId', null)
@@ -224,12 +238,12 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   })
 
   await app.register(wellKnownRoutes, { keys, config })
-  await app.register(tokenRoutes, { registry, tokens, metrics })
+  await app.register(tokenRoutes, { registry, tokens, possession, metrics })
   const credentials = createUpstreamCredentials(config.upstream, {
     clock,
     log: app.log,
     onFetch: (mode, result) => { metrics.upstreamTokenFetches.inc({ mode, result }) }
   })
-  await app.register(proxyRoutes, { config, registry, tokens, upstream: deps.upstream, metrics, credentials })
+  await app.register(proxyRoutes, { config, registry, tokens, possession, upstream: deps.upstream, metrics, credentials })
   return app
 }

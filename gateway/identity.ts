@@ -3,6 +3,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import { certificateThumbprint } from '../shared/certificates.js'
 import type { Machine } from '../shared/db/machines.js'
 import { GatewayError } from '../shared/errors.js'
+import type { Possession, Scheme } from './possession.js'
 import type { MachineRegistry } from './registry.js'
 import type { TokenService } from './tokens.js'
 import { normaliseIp } from './tokens.js'
@@ -61,30 +62,33 @@ export function identify (registry: MachineRegistry) {
   }
 }
 
-const BEARER = /^Bearer +([A-Za-z0-9._~+/-]+=*) *$/i
-const challenge = (error?: string): Record<string, string> => ({
-  'www-authenticate': error === undefined ? 'Bearer realm="ehr-gateway"' : `Bearer realm="ehr-gateway", error="${error}"`
-})
+// RFC 6750 §2.1 / RFC 9449 §7.1: `<scheme> <token68>`, the scheme case-insensitive.
+const AUTHORIZATION = /^(Bearer|DPoP) +([A-Za-z0-9._~+/-]+=*) *$/i
 
 // preValidation hook after identify (request path step 3): a valid token of this gateway,
-// issued to this machine's certificate, used from the address it was issued to.
-export function requireToken (tokens: TokenService) {
-  return async function verifyAccessToken (request: FastifyRequest, _reply: FastifyReply): Promise<void> {
+// issued to this machine's certificate, used from the address it was issued to, then
+// proof of possession (DPoP) or single use as configured.
+export function requireToken (tokens: TokenService, possession: Possession) {
+  return async function verifyAccessToken (request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    possession.offerNonce(reply)
     const header = request.headers.authorization
-    if (header === undefined) throw new GatewayError('TOKEN_MISSING', [], { headers: challenge() })
-    const match = BEARER.exec(header)
-    if (match === null) throw new GatewayError('TOKEN_MISSING', [], { headers: challenge('invalid_request') })
+    if (header === undefined) throw new GatewayError('TOKEN_MISSING', [], { headers: possession.challenge(undefined) })
+    const match = AUTHORIZATION.exec(header)
+    if (match === null) throw new GatewayError('TOKEN_MISSING', [], { headers: possession.challenge(undefined, 'TOKEN_MISSING') })
+    const scheme: Scheme = (match[1] as string).toLowerCase() === 'dpop' ? 'DPoP' : 'Bearer'
+    const token = match[2] as string
     let claims
     try {
-      claims = await tokens.verify(match[1] as string)
+      claims = await tokens.verify(token)
     } catch (err) {
-      throw err instanceof GatewayError ? err.withHeaders(challenge('invalid_token')) : err
+      throw err instanceof GatewayError ? err.withHeaders(possession.challenge(scheme, err.code)) : err
     }
     const machine = request.machine as Machine
     if (claims.cnf['x5t#S256'] !== request.certThumbprint || claims.sub !== machine.id) {
-      throw new GatewayError('TOKEN_WRONG_MACHINE', [], { headers: challenge('invalid_token') })
+      throw new GatewayError('TOKEN_WRONG_MACHINE', [], { headers: possession.challenge(scheme, 'TOKEN_WRONG_MACHINE') })
     }
-    if (claims.ip !== normaliseIp(request.ip)) throw new GatewayError('TOKEN_WRONG_IP', [], { headers: challenge('invalid_token') })
+    if (claims.ip !== normaliseIp(request.ip)) throw new GatewayError('TOKEN_WRONG_IP', [], { headers: possession.challenge(scheme, 'TOKEN_WRONG_IP') })
     request.tokenId = claims.jti
+    await possession.checkResource(request, scheme, token, claims)
   }
 }

@@ -1,5 +1,5 @@
-import { randomUUID } from 'node:crypto'
-import { SignJWT, errors as joseErrors, jwtVerify } from 'jose'
+import { hkdfSync, randomUUID } from 'node:crypto'
+import { CompactEncrypt, SignJWT, compactDecrypt, errors as joseErrors, jwtVerify } from 'jose'
 import type { JWTHeaderParameters, JWTPayload } from 'jose'
 import type { Config } from '../shared/config.js'
 import type { Machine } from '../shared/db/machines.js'
@@ -19,9 +19,17 @@ export interface AccessTokenClaims {
   readonly nbf: number
   readonly exp: number
   readonly jti: string
-  readonly cnf: { readonly 'x5t#S256': string } // RFC 8705 §3.1
+  // RFC 8705 §3.1 certificate binding; RFC 9449 §6.1 jkt when bound to a DPoP key too.
+  readonly cnf: { readonly 'x5t#S256': string, readonly jkt?: string }
   readonly ip: string
 }
+
+// TOKEN_ENCRYPT's key: derived, never the KEK itself, so one key never serves two purposes.
+export function tokenEncryptionKey (kek: Buffer): Uint8Array {
+  return new Uint8Array(hkdfSync('sha256', kek, Buffer.alloc(0), 'ehr-gateway token-encryption v1', 32))
+}
+
+const JWE_ALGORITHMS = { keyManagementAlgorithms: ['dir'], contentEncryptionAlgorithms: ['A256GCM'] }
 
 export interface IssuedToken { readonly token: string, readonly claims: AccessTokenClaims }
 
@@ -40,13 +48,19 @@ export class TokenService {
   // cached: expiry, machine, certificate and IP are checked on every request.
   readonly #verified = new Lru<string, { readonly kid: string, readonly claims: AccessTokenClaims }>(10_000)
 
-  constructor (keys: SigningKeys, config: Config['tokens'], now: () => number) {
+  // Set: tokens are issued signed then encrypted (a nested JWT, RFC 7519 §11.2) and
+  // encrypted tokens are accepted. Unset, only signed tokens are.
+  readonly #encryptionKey: Uint8Array | undefined
+
+  constructor (keys: SigningKeys, config: Config['tokens'], now: () => number, encryptionKey?: Uint8Array) {
     this.#keys = keys
     this.#config = config
     this.#now = now
+    this.#encryptionKey = encryptionKey
   }
 
-  async issue (machine: Machine, thumbprint: string, ip: string): Promise<IssuedToken> {
+  // `jkt`: the RFC 7638 thumbprint of the client's DPoP key, for a DPoP-bound token.
+  async issue (machine: Machine, thumbprint: string, ip: string, jkt?: string): Promise<IssuedToken> {
     const key = this.#keys.current()
     const iat = Math.floor(this.#now() / 1000)
     const claims: AccessTokenClaims = {
@@ -58,13 +72,30 @@ export class TokenService {
       nbf: iat,
       exp: iat + this.#config.ttlSeconds,
       jti: randomUUID(),
-      cnf: { 'x5t#S256': thumbprint },
+      cnf: jkt === undefined ? { 'x5t#S256': thumbprint } : { 'x5t#S256': thumbprint, jkt },
       ip: normaliseIp(ip)
     }
-    const token = await new SignJWT({ ...claims })
+    const signed = await new SignJWT({ ...claims })
       .setProtectedHeader({ alg: key.alg, kid: key.kid, typ: TOKEN_TYPE })
       .sign(key.privateKey)
+    if (!this.#config.encrypt || this.#encryptionKey === undefined) return { token: signed, claims }
+    const token = await new CompactEncrypt(new TextEncoder().encode(signed))
+      .setProtectedHeader({ alg: 'dir', enc: 'A256GCM', cty: 'JWT' })
+      .encrypt(this.#encryptionKey)
     return { token, claims }
+  }
+
+  // The signed JWT inside an encrypted token; GCM's tag makes any change fail here.
+  async #decrypt (token: string): Promise<string> {
+    if (this.#encryptionKey === undefined) throw new GatewayError('TOKEN_INVALID', ['encrypted tokens are not accepted'])
+    try {
+      const { plaintext, protectedHeader } = await compactDecrypt(token, this.#encryptionKey, JWE_ALGORITHMS)
+      if (protectedHeader.cty !== 'JWT') throw new GatewayError('TOKEN_INVALID', ['encrypted content is not a JWT'])
+      return new TextDecoder().decode(plaintext)
+    } catch (err) {
+      if (err instanceof GatewayError) throw err
+      throw new GatewayError('TOKEN_INVALID', ['does not decrypt'], { cause: err })
+    }
   }
 
   // Signature, algorithm, kid, typ, iss, aud and time; the caller checks the bindings.
@@ -77,10 +108,12 @@ export class TokenService {
       this.#checkTime(cached.claims, nowSeconds)
       return cached.claims
     }
+    // Five parts: a JWE (RFC 7516 §7.1) around the signed token.
+    const signed = token.split('.').length === 5 ? await this.#decrypt(token) : token
     let payload: JWTPayload
     let kid: string
     try {
-      ({ payload, protectedHeader: { kid = '' } } = await jwtVerify(token, async (header: JWTHeaderParameters) => {
+      ({ payload, protectedHeader: { kid = '' } } = await jwtVerify(signed, async (header: JWTHeaderParameters) => {
         const known = header.kid === undefined ? undefined : await this.#keys.verificationKey(header.kid)
         if (known === undefined) throw new GatewayError('TOKEN_INVALID', ['signed by an unknown or retired key'])
         if (known.alg !== header.alg) throw new GatewayError('TOKEN_INVALID', ['algorithm does not match the key'])
@@ -119,7 +152,8 @@ export class TokenService {
 function asClaims (payload: JWTPayload): AccessTokenClaims {
   const cnf = payload['cnf'] as Record<string, unknown> | undefined
   const thumbprint = cnf?.['x5t#S256']
-  if (typeof thumbprint !== 'string' || typeof payload['ip'] !== 'string' || typeof payload['client_id'] !== 'string' || typeof payload.aud !== 'string') {
+  const jkt = cnf?.['jkt']
+  if (typeof thumbprint !== 'string' || (jkt !== undefined && typeof jkt !== 'string') || typeof payload['ip'] !== 'string' || typeof payload['client_id'] !== 'string' || typeof payload.aud !== 'string') {
     throw new GatewayError('TOKEN_INVALID', ['required claims are missing or malformed'])
   }
   return {
@@ -131,7 +165,7 @@ function asClaims (payload: JWTPayload): AccessTokenClaims {
     nbf: payload.nbf ?? (payload.iat as number),
     exp: payload.exp as number,
     jti: payload.jti as string,
-    cnf: { 'x5t#S256': thumbprint },
+    cnf: typeof jkt === 'string' ? { 'x5t#S256': thumbprint, jkt } : { 'x5t#S256': thumbprint },
     ip: payload['ip']
   }
 }

@@ -12,6 +12,9 @@ import type { UpstreamTokenSourceConfig } from './upstream-auth-config.js'
 
 export type Env = Readonly<Record<string, string | undefined>>
 
+// Switches: the spellings shells and compose files use; anything else is a typo to report.
+const BOOLEAN = ['true', 'false', '1', '0']
+
 // The one schema for every variable the gateway and ehrctl read. Types and ranges are
 // checked here; which variables are *required* depends on what the caller is about to do
 // (see `Need`), so an admin laptop running `ehrctl machine add` needs no gateway TLS key.
@@ -50,10 +53,13 @@ const schema = {
     RATE_LIMIT_WINDOW: { type: 'string', default: '1 minute' },
     SHUTDOWN_GRACE_MS: { type: 'integer', minimum: 0, default: 10_000 },
     LOG_LEVEL: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
+    TOKEN_REQUIRE_DPOP: { type: 'string', enum: BOOLEAN, default: 'false' },
+    TOKEN_SINGLE_USE: { type: 'string', enum: BOOLEAN, default: 'false' },
+    TOKEN_ENCRYPT: { type: 'string', enum: BOOLEAN, default: 'false' },
+    GATEWAY_PUBLIC_URL: { type: 'string', pattern: '^https?://' },
+    DPOP_MAX_AGE_SECONDS: { type: 'integer', minimum: 1, maximum: 600, default: 60 },
+    DPOP_NONCE: { type: 'string', enum: BOOLEAN, default: 'false' },
     // Contract variables whose features land in later releases; see NOT_YET_SUPPORTED.
-    TOKEN_REQUIRE_DPOP: { type: 'string' },
-    TOKEN_SINGLE_USE: { type: 'string' },
-    TOKEN_ENCRYPT: { type: 'string' },
     GATEWAY_WORKERS: { type: 'string' },
     CORS_ORIGINS: { type: 'string' },
     REDIS_URL: { type: 'string' },
@@ -92,10 +98,10 @@ export const FILE_SECRETS = [
 ] as const
 
 // Setting one of these and having it silently ignored would give a false sense of
-// security (TOKEN_SINGLE_USE), so they are refused until the release that implements them.
+// security (REDIS_URL: limits that are not shared), so they are refused until the release
+// that implements them.
 const NOT_YET_SUPPORTED = [
-  'TOKEN_REQUIRE_DPOP', 'TOKEN_SINGLE_USE', 'TOKEN_ENCRYPT', 'GATEWAY_WORKERS', 'CORS_ORIGINS',
-  'REDIS_URL'
+  'GATEWAY_WORKERS', 'CORS_ORIGINS', 'REDIS_URL'
 ] as const
 
 // What a caller is about to do decides which variables must be present.
@@ -117,6 +123,9 @@ export interface Config {
     readonly trustedProxies: readonly string[]
     readonly bodyLimitBytes: number
     readonly shutdownGraceMs: number
+    // Scheme, host, port and base path clients address (a DPoP proof's htu, RFC 9449 §4.3),
+    // which behind a load balancer is not the listener's; no trailing slash.
+    readonly publicUrl: string
   }
   readonly ops: { readonly host: string, readonly port: number }
   readonly tls: {
@@ -144,6 +153,15 @@ export interface Config {
     readonly alg: 'EdDSA' | 'ES256'
     readonly clockToleranceSeconds: number
     readonly keyEncryptionKey: Secret | undefined
+    readonly requireDpop: boolean
+    readonly singleUse: boolean
+    readonly encrypt: boolean
+  }
+  readonly dpop: {
+    // RFC 9449 §4.3 step 11: how far a proof's iat may lie in the past or the future.
+    readonly maxAgeSeconds: number
+    // RFC 9449 §8/§9: demand server-issued nonces.
+    readonly nonce: boolean
   }
   readonly registry: { readonly cacheTtlMs: number }
   readonly rateLimit: { readonly max: number, readonly windowMs: number }
@@ -305,6 +323,16 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
 
   const tokenSource = parseUpstreamAuth(str, production, problems)
 
+  const publicUrlRaw = str('GATEWAY_PUBLIC_URL')
+  if (publicUrlRaw !== undefined) {
+    let ok = false
+    try {
+      const u = new URL(publicUrlRaw)
+      ok = u.username === '' && u.password === '' && u.search === '' && u.hash === '' && !publicUrlRaw.includes('?') && !publicUrlRaw.includes('#')
+    } catch {}
+    if (!ok) problems.push({ variable: 'GATEWAY_PUBLIC_URL', message: 'must be an http(s) URL without credentials, query or fragment, like https://ehr-gateway.hospital.internal' })
+  }
+
   const trustedProxies = (str('TRUSTED_PROXIES') ?? '').split(',').map(s => s.trim()).filter(s => s !== '')
   const badCidrs = trustedProxies.filter(c => !isCidr(c))
   if (badCidrs.length > 0) {
@@ -347,6 +375,7 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
   const publicHost = ['0.0.0.0', '::', '[::]'].includes(gatewayHost) ? hostname() : gatewayHost
   const issuer = str('TOKEN_ISSUER') ?? `https://${publicHost}:${gatewayPort}`
   const databaseUrl = str('DATABASE_URL')
+  const bool = (k: string): boolean => ['true', '1'].includes(str(k) ?? 'false')
   const apiKey = str('EHR_API_KEY')
 
   const config: Config = {
@@ -360,7 +389,8 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
       port: gatewayPort,
       trustedProxies,
       bodyLimitBytes: num('BODY_LIMIT_BYTES'),
-      shutdownGraceMs: num('SHUTDOWN_GRACE_MS')
+      shutdownGraceMs: num('SHUTDOWN_GRACE_MS'),
+      publicUrl: baseUrl(str('GATEWAY_PUBLIC_URL') ?? issuer)
     },
     ops: { host: str('OPS_HOST') ?? '127.0.0.1', port: num('OPS_PORT') },
     tls: {
@@ -386,8 +416,12 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
       ttlSeconds: num('TOKEN_TTL_SECONDS'),
       alg: (str('TOKEN_ALG') ?? 'EdDSA') as 'EdDSA' | 'ES256',
       clockToleranceSeconds: num('TOKEN_CLOCK_TOLERANCE_SECONDS'),
-      keyEncryptionKey: kek
+      keyEncryptionKey: kek,
+      requireDpop: bool('TOKEN_REQUIRE_DPOP'),
+      singleUse: bool('TOKEN_SINGLE_USE'),
+      encrypt: bool('TOKEN_ENCRYPT')
     },
+    dpop: { maxAgeSeconds: num('DPOP_MAX_AGE_SECONDS'), nonce: bool('DPOP_NONCE') },
     registry: { cacheTtlMs: num('REGISTRY_CACHE_TTL_MS') },
     rateLimit: { max: num('RATE_LIMIT_MAX'), windowMs: windowMs ?? 60_000 },
     log: { level: str('LOG_LEVEL') ?? 'info' }
@@ -405,6 +439,16 @@ export function keyEncryptionKeyBytes (secret: Secret): Buffer {
   /* c8 ignore next */
   if (key === undefined) throw new Error('TOKEN_KEY_ENCRYPTION_KEY was validated at load')
   return key
+}
+
+// Origin (lower-case, default port dropped) plus the path without its trailing slash.
+function baseUrl (text: string): string {
+  try {
+    const url = new URL(text)
+    return url.origin + url.pathname.replace(/\/+$/, '')
+  } catch {
+    return text.replace(/\/+$/, '')
+  }
 }
 
 function deepFreeze<T> (value: T): T {

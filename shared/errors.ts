@@ -51,6 +51,57 @@ export const errorSpecs = {
     'the access token was issued to a different client IP address',
     'Fetch a new token after the workstation changes address.'),
 
+  // ---- proof of possession (RFC 9449 DPoP) and single use. 401 on proxied routes (§7.1);
+  // POST /v1/token answers the same codes with 400 (RFC 6749 §5.2, RFC 9449 §5).
+  DPOP_PROOF_MISSING: spec(401, 'DPoP proof missing', '%s',
+    'Send a fresh DPoP proof (RFC 9449) in the DPoP header; the browser client does this.'),
+  DPOP_MULTIPLE_PROOFS: spec(401, 'More than one DPoP proof',
+    'the request carries more than one DPoP header',
+    'Send exactly one DPoP header per request.'),
+  DPOP_PROOF_INVALID: spec(401, 'DPoP proof invalid', 'the DPoP proof is not acceptable (%s)',
+    'Sign a proof with typ dpop+jwt, alg ES256 or EdDSA and the public key only in jwk.'),
+  DPOP_METHOD_MISMATCH: spec(401, 'DPoP proof for another method',
+    'the DPoP proof htm does not match the request method',
+    'Sign a new proof for each request with its own method.'),
+  DPOP_URL_MISMATCH: spec(401, 'DPoP proof for another URL',
+    'the DPoP proof htu does not match the request URL (expected %s)',
+    'Sign the URL without query and fragment; behind a load balancer set GATEWAY_PUBLIC_URL.'),
+  DPOP_PROOF_STALE: spec(401, 'DPoP proof too old or too new',
+    'the DPoP proof iat is more than %s seconds away from the gateway clock',
+    "Sign a fresh proof per request; check the workstation's clock (DPOP_MAX_AGE_SECONDS)."),
+  DPOP_ATH_MISMATCH: spec(401, 'DPoP proof for another token',
+    'the DPoP proof ath is missing or is not the hash of this access token',
+    'Put the base64url SHA-256 of the access token, as sent, in ath.'),
+  DPOP_KEY_MISMATCH: spec(401, 'DPoP key does not match the token',
+    'the DPoP proof is signed by a key the access token is not bound to',
+    'Sign proofs with the key the token was fetched with; fetch a new token after a new key.'),
+  DPOP_PROOF_REPLAYED: spec(401, 'DPoP proof replayed',
+    'this DPoP proof (jti) has been used before',
+    'Sign a new proof, with a new jti, for every request.'),
+  DPOP_NONCE_REQUIRED: spec(401, 'DPoP nonce required',
+    'the DPoP proof must carry the nonce in the DPoP-Nonce response header',
+    'Sign the proof again with the nonce from DPoP-Nonce (use_dpop_nonce, RFC 9449 §8).'),
+  DPOP_REQUIRED: spec(401, 'DPoP required',
+    'this gateway accepts only DPoP-bound tokens (TOKEN_REQUIRE_DPOP)',
+    'Fetch a token with a DPoP proof and send it as `Authorization: DPoP <token>`.'),
+  TOKEN_DPOP_BOUND: spec(401, 'DPoP-bound token used as Bearer',
+    'the access token is bound to a DPoP key: send it as `Authorization: DPoP` with a proof',
+    'Send `Authorization: DPoP <token>` and a DPoP proof signed by the bound key.'),
+  TOKEN_REPLAYED: spec(401, 'Access token replayed',
+    'this single-use access token has been used before',
+    'Fetch a new token for every call (TOKEN_SINGLE_USE).'),
+  REPLAY_STORE_UNAVAILABLE: spec(503, 'Replay store unavailable',
+    'the replay store cannot be reached, so the request is refused',
+    'Check the database; requests that need a replay check are refused until it is back.'),
+
+  // ---- OAuth 2.0 token endpoint (RFC 6749 §5.2)
+  CLIENT_ID_MISMATCH: spec(401, 'client_id does not match',
+    'client_id does not name the machine of the client certificate',
+    'Send the registered machine name as client_id, or leave client_id out.'),
+  GRANT_TYPE_UNSUPPORTED: spec(400, 'Grant type unsupported',
+    'grant_type must be client_credentials',
+    'Send grant_type=client_credentials (or an empty body).'),
+
   // ---- request shape
   BAD_REQUEST: spec(400, 'Bad request', '%s', 'Fix the request as the detail says.'),
   HEADERS_TOO_LARGE: spec(431, 'Request headers too large', '%s',
@@ -155,19 +206,21 @@ export class GatewayError extends Error {
   // Headers the error response must carry (Retry-After, WWW-Authenticate).
   readonly headers: Readonly<Record<string, string>>
 
-  constructor (code: ErrorCode, args: readonly unknown[] = [], options: { cause?: unknown, headers?: Record<string, string> } = {}) {
+  // `status` replaces the registry's where a protocol answers one code differently per
+  // endpoint (DPoP refusals: 401 on resources, 400 at the token endpoint).
+  constructor (code: ErrorCode, args: readonly unknown[] = [], options: { cause?: unknown, headers?: Record<string, string>, status?: number } = {}) {
     const s = errorSpecs[code]
     super(format(s.detail, ...args), options.cause === undefined ? undefined : { cause: options.cause })
     this.name = 'GatewayError'
     this.code = code
-    this.statusCode = s.status
+    this.statusCode = options.status ?? s.status
     this.title = s.title
     this.headers = options.headers ?? {}
   }
 
   // The same failure, answered with extra headers (e.g. a WWW-Authenticate challenge).
-  withHeaders (headers: Record<string, string>): GatewayError {
-    const copy = new GatewayError(this.code, [], { cause: this.cause ?? this, headers: { ...this.headers, ...headers } })
+  withHeaders (headers: Record<string, string>, status?: number): GatewayError {
+    const copy = new GatewayError(this.code, [], { cause: this.cause ?? this, headers: { ...this.headers, ...headers }, status: status ?? this.statusCode })
     copy.message = this.message
     return copy
   }

@@ -5,6 +5,7 @@ import type { GatewayConfig } from '../../shared/config.js'
 import { GatewayError } from '../../shared/errors.js'
 import { identify, requireToken } from '../identity.js'
 import type { Metrics } from '../metrics.js'
+import type { Possession } from '../possession.js'
 import type { MachineRegistry } from '../registry.js'
 import type { TokenService } from '../tokens.js'
 import type { UpstreamCredentials } from '../../shared/upstream-auth.js'
@@ -15,6 +16,7 @@ interface ProxyRouteOptions {
   readonly config: GatewayConfig
   readonly registry: MachineRegistry
   readonly tokens: TokenService
+  readonly possession: Possession
   readonly upstream: UpstreamDispatcher
   readonly metrics: Metrics
   readonly credentials: UpstreamCredentials
@@ -101,7 +103,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
     await reply.send(response.body)
   }
 
-  const routeOptions = { preValidation: [identify(options.registry), requireToken(options.tokens)] }
+  const routeOptions = { preValidation: [identify(options.registry), requireToken(options.tokens, options.possession)] }
   app.route({ method: [...METHODS], url: proxyPrefix, ...routeOptions, handler: forward })
   app.route({ method: [...METHODS], url: `${proxyPrefix}/*`, ...routeOptions, handler: forward })
 }

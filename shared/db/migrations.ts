@@ -53,6 +53,21 @@ export const migrations: readonly Migration[] = [
       create trigger signing_keys_changed after insert or update or delete on signing_keys
         for each row execute function notify_row_change('ehr_signing_keys_changed', 'kid');
     `
+  },
+  {
+    version: 2,
+    name: 'replay store for DPoP proofs and single-use tokens',
+    sql: `
+      -- RFC 9449 §11.1: every instance must refuse a jti any instance has seen. One row per
+      -- consumed identifier ('dpop:<jkt>:<jti>' or 'token:<jti>'), kept until the proof or
+      -- token it stands for could no longer be accepted anyway. A logged table: after a
+      -- crash, forgotten entries would reopen the replay window.
+      create table replay_ids (
+        id text primary key check (length(id) <= 300),
+        expires_at timestamptz not null
+      );
+      create index replay_ids_expires_at on replay_ids (expires_at);
+    `
   }
 ]
 

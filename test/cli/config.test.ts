@@ -98,7 +98,7 @@ t.test('config check names every bad or missing variable, and no secret', async 
     GATEWAY_PORT: 'eighty',
     TLS_CLIENT_CA_FILE: files['ca.crt'],
     TRUSTED_PROXIES: '10.0.0.0/8,not-a-cidr',
-    TOKEN_SINGLE_USE: 'true'
+    TOKEN_SINGLE_USE: 'yes-please'
   }
   const r = await ehrctl(['config', 'check'], { env, cwd: dir })
   t.equal(r.code, 1)

@@ -10,7 +10,7 @@ import { signingKeysRepository } from '../../shared/db/signing-keys.js'
 import { generateSigningKey } from '../../shared/keys.js'
 import { startGateway } from '../helpers/gateway.js'
 import type { TestGateway } from '../helpers/gateway.js'
-import { assertProblem } from '../helpers/assert.js'
+import { assertOAuthError, assertProblem } from '../helpers/assert.js'
 
 type Response = Awaited<ReturnType<TestGateway['call']>>
 
@@ -87,12 +87,17 @@ t.test('standard OAuth client_credentials requests', async t => {
   const json = await gw.call(agent, '/v1/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"grant_type":"client_credentials"}' })
   t.equal(json.status, 200, json.text)
 
+  // RFC 6749 §5.2 errors, as application/json for form requests (issue 3).
   const wrongClient = await gw.call(agent, '/v1/token', { method: 'POST', headers: form, body: 'grant_type=client_credentials&client_id=ws-02' })
-  assertProblem(t, wrongClient, 400, 'BAD_REQUEST')
+  assertOAuthError(t, wrongClient, 401, 'CLIENT_ID_MISMATCH', 'invalid_client')
   const wrongGrant = await gw.call(agent, '/v1/token', { method: 'POST', headers: form, body: 'grant_type=password&client_id=ws-01&username=a&password=b' })
-  assertProblem(t, wrongGrant, 400, 'BAD_REQUEST')
+  assertOAuthError(t, wrongGrant, 400, 'GRANT_TYPE_UNSUPPORTED', 'unsupported_grant_type')
   const codeGrant = await gw.call(agent, '/v1/token', { method: 'POST', headers: form, body: 'grant_type=authorization_code&code=x' })
-  assertProblem(t, codeGrant, 400, 'BAD_REQUEST')
+  assertOAuthError(t, codeGrant, 400, 'GRANT_TYPE_UNSUPPORTED', 'unsupported_grant_type')
+  // Not a form: problem+json, with the OAuth members too.
+  const jsonGrant = await gw.call(agent, '/v1/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"grant_type":"password"}' })
+  assertProblem(t, jsonGrant, 400, 'GRANT_TYPE_UNSUPPORTED')
+  t.equal(jsonGrant.json()['error'], 'unsupported_grant_type')
   t.equal(gw.upstream.requests.length, 1, 'refusals never reach the upstream')
 })
 
@@ -118,8 +123,9 @@ t.test('missing, malformed and forged tokens', async t => {
     t.match(String(res.headers['www-authenticate']), /^Bearer /)
   })
 
+  // (`DPoP <unbound token>` is refused as DPOP_KEY_MISMATCH: test/gateway/dpop.test.ts.)
   await t.test('another scheme is not a bearer token: TOKEN_MISSING', async t => {
-    for (const authorization of [`Basic ${Buffer.from('ws-a:secret').toString('base64')}`, `DPoP ${token}`, 'Bearer', 'Bearer ', token]) {
+    for (const authorization of [`Basic ${Buffer.from('ws-a:secret').toString('base64')}`, 'Bearer', 'Bearer ', token]) {
       const res = await gw.call(agent, '/fhir/Patient/1', { headers: { authorization } })
       assertProblem(t, res, 401, 'TOKEN_MISSING')
       t.match(String(res.headers['www-authenticate']), /^Bearer /)

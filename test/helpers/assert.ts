@@ -26,6 +26,20 @@ export function assertProblem (t: Test, res: HttpResponse, status: number, code:
   t.notMatch(res.text, /\bat .+:\d+:\d+|node:internal|\.ts:\d+|\.js:\d+/, 'no stack trace', extra)
 }
 
+// POST /v1/token refusals to a standard OAuth (form) request: RFC 6749 §5.2 JSON with `error`,
+// and the problem members beside it.
+export function assertOAuthError (t: Test, res: HttpResponse, status: number, code: string, error: string): void {
+  t.equal(res.status, status, `status ${status} (${res.text})`)
+  t.match(String(res.headers['content-type']), /^application\/json/, 'OAuth content type')
+  let body: Record<string, unknown> = {}
+  try { body = res.json() } catch {}
+  t.equal(body['error'], error, `error ${error}`)
+  t.type(body['error_description'], 'string', 'error_description member')
+  t.equal(body['code'], code, `code ${code}`)
+  t.equal(body['status'], status, 'status member')
+  t.type(body['type'], 'string', 'type member')
+}
+
 // A port nothing listens on: bound, then released.
 export async function closedPort (): Promise<number> {
   const server = createServer()

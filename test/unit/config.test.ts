@@ -110,9 +110,23 @@ t.test('secrets are redacted however the config is printed', async t => {
 })
 
 t.test('features of later releases are refused, not silently ignored', async t => {
-  t.ok(problems(() => loadGatewayConfig({ ...full, TOKEN_SINGLE_USE: 'true' }))['TOKEN_SINGLE_USE'])
-  t.ok(problems(() => loadGatewayConfig({ ...full, TOKEN_SINGLE_USE: '1' }))['TOKEN_SINGLE_USE'])
   t.same(problems(() => loadGatewayConfig({ ...full, TOKEN_SINGLE_USE: 'false', GATEWAY_WORKERS: '1' })), {})
+})
+
+t.test('proof-of-possession switches, DPoP window and the public URL', async t => {
+  const defaults = loadGatewayConfig(full)
+  t.same([defaults.tokens.requireDpop, defaults.tokens.singleUse, defaults.tokens.encrypt, defaults.dpop.nonce], [false, false, false, false])
+  t.equal(defaults.dpop.maxAgeSeconds, 60)
+  t.equal(defaults.gateway.publicUrl, new URL(defaults.tokens.issuer).origin, 'the public URL defaults to the issuer')
+  const on = loadGatewayConfig({ ...full, TOKEN_REQUIRE_DPOP: 'true', TOKEN_SINGLE_USE: '1', TOKEN_ENCRYPT: 'true', DPOP_NONCE: 'true', DPOP_MAX_AGE_SECONDS: '30', GATEWAY_PUBLIC_URL: 'https://GW.Example:443/edge/' })
+  t.same([on.tokens.requireDpop, on.tokens.singleUse, on.tokens.encrypt, on.dpop.nonce], [true, true, true, true])
+  t.equal(on.dpop.maxAgeSeconds, 30)
+  t.equal(on.gateway.publicUrl, 'https://gw.example/edge', 'normalised: host case, default port, trailing slash')
+  t.ok(problems(() => loadGatewayConfig({ ...full, TOKEN_SINGLE_USE: 'yes' }))['TOKEN_SINGLE_USE'], 'a typo is not false')
+  t.ok(problems(() => loadGatewayConfig({ ...full, DPOP_MAX_AGE_SECONDS: '0' }))['DPOP_MAX_AGE_SECONDS'])
+  t.ok(problems(() => loadGatewayConfig({ ...full, GATEWAY_PUBLIC_URL: 'https://gw.example/?x=1' }))['GATEWAY_PUBLIC_URL'])
+  t.ok(problems(() => loadGatewayConfig({ ...full, GATEWAY_PUBLIC_URL: 'https://u:p@gw.example' }))['GATEWAY_PUBLIC_URL'])
+  t.ok(problems(() => loadGatewayConfig({ ...full, GATEWAY_PUBLIC_URL: 'https://' }))['GATEWAY_PUBLIC_URL'])
 })
 
 t.test('upstream URL and proxy prefix shapes', async t => {
