@@ -42,6 +42,7 @@ export interface GatewayParts {
   readonly keys: SigningKeys
   readonly tokens: TokenService
   readonly possession: Possession
+  readonly replay: ReplayStore
   readonly metrics: Metrics
 }
 
@@ -185,7 +186,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   const kek = keyEncryptionKeyBytes(config.tokens.keyEncryptionKey)
   const tokens = new TokenService(keys, config.tokens, clock, tokenEncryptionKey(kek))
   const possession = new Possession(config, replay, config.dpop.nonce ? new DpopNonces(kek, clock) : undefined, clock)
-  app.decorate('gateway', { registry, keys, tokens, possession, metrics })
+  app.decorate('gateway', { registry, keys, tokens, possession, replay, metrics })
   app.decorateRequest('machine', null)
   app.decorateRequest('certThumbprint', null)
   app.decorateRequest('tokenId', null)
