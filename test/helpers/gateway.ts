@@ -72,6 +72,8 @@ export interface GatewayOptions {
   readonly pki?: Pki
   readonly upstream?: RecordingUpstream
   readonly clock?: TestClock
+  // A fixed port instead of 0, for configuration that must name the URL (GATEWAY_PUBLIC_URL).
+  readonly port?: number
 }
 
 // A real gateway on 127.0.0.1:0 with real TLS, a real database and a real upstream.
@@ -98,7 +100,7 @@ export async function startGateway (t: Test, options: GatewayOptions = {}): Prom
   const logStream = new Writable({ write (chunk, _enc, done) { logs.push(String(chunk)); done() } })
   const pool = createUpstreamPool(config)
   const app = await buildGateway(config, { sql: db.sql, upstream: pool, clock: clock.read, logStream })
-  await app.listen({ host: '127.0.0.1', port: 0 })
+  await app.listen({ host: '127.0.0.1', port: options.port ?? 0 })
   const address = app.server.address()
   const port = typeof address === 'object' && address !== null ? address.port : 0
   const agents: Agent[] = []
