@@ -4,6 +4,9 @@ import type { ReplayRepository } from '../shared/db/replay.js'
 import { GatewayError } from '../shared/errors.js'
 
 const CLEANUP_INTERVAL_MS = 60_000
+// A store that hangs (not down, just not answering) must not hold requests for the pool's
+// connect timeout: past this, the request is refused as if the store were down.
+const CONSUME_TIMEOUT_MS = 2000
 
 // The gateway's side of the shared replay store: consume fails closed (a store we cannot
 // ask is a replay we cannot rule out), and expired entries are deleted on a timer that
@@ -23,10 +26,16 @@ export class ReplayStore {
 
   // true: first use. `id` is namespaced by the caller ('dpop:<jkt>:<jti>', 'token:<jti>').
   async consume (id: string, expiresAtMs: number): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined
+    const timeout = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => { reject(new Error(`replay store did not answer within ${CONSUME_TIMEOUT_MS} ms`)) }, CONSUME_TIMEOUT_MS)
+    })
     try {
-      return await this.#repo.consume(id, new Date(expiresAtMs))
+      return await Promise.race([this.#repo.consume(id, new Date(expiresAtMs)), timeout])
     } catch (err) {
       throw new GatewayError('REPLAY_STORE_UNAVAILABLE', [], { cause: err })
+    } finally {
+      clearTimeout(timer)
     }
   }
 
