@@ -58,7 +58,7 @@ export class Possession {
       return proof.jkt
     } catch (err) {
       if (!(err instanceof GatewayError)) throw err
-      return await Promise.reject(err.withHeaders(this.#nonceHeader(err.code), err.statusCode === 401 ? 400 : err.statusCode))
+      throw err.withHeaders(this.#nonceHeader(err.code), err.statusCode === 401 ? 400 : err.statusCode)
     }
   }
 
