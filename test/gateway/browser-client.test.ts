@@ -104,3 +104,15 @@ t.test('answers the nonce challenges of the token endpoint and of resources once
   t.equal((await ehr.fetch('/fhir/Patient/1')).status, 200)
   t.same(seen.map(s => s.status), [401, 200], 'one retry with the new nonce')
 })
+
+t.test('a token the gateway refuses (here: expired) is replaced once', async t => {
+  const { gw, agent, url } = await gatewayAt(t)
+  const seen: Seen[] = []
+  // A negative margin keeps the token past its expiry, as a suspended laptop would.
+  const ehr = createEhrClient({ gatewayUrl: url, fetch: certificateFetch(agent, seen), now: gw.clock.read, refreshBeforeSeconds: -100 })
+  t.equal((await ehr.fetch('/fhir/Patient/1')).status, 200)
+  gw.clock.advance((gw.config.tokens.ttlSeconds + 10) * 1000)
+  seen.length = 0
+  t.equal((await ehr.fetch('/fhir/Patient/1')).status, 200)
+  t.same(seen.map(s => s.status), [401, 200, 200], 'refused as expired, a new token, the call again')
+})
