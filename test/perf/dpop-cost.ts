@@ -2,7 +2,7 @@
 // DPoP token + fresh proof, alternating rounds in one run on the same gateway, plus the two
 // parts in isolation (proof verification, replay-store round trip). Not part of `npm test`.
 //   npm run build && DATABASE_URL=postgres://… node dist/test/perf/dpop-cost.js
-//   PERF_SECONDS (5) per round, PERF_ROUNDS (3), PERF_CONNECTIONS (50)
+//   PERF_SECONDS (5) per round, PERF_ROUNDS (3), PERF_CONNECTIONS (50), PERF_PROOFS (20000)
 import { X509Certificate, createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify } from 'node:crypto'
 import type { KeyObject } from 'node:crypto'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
@@ -26,6 +26,8 @@ interface LoadJob {
   readonly seconds: number
   readonly tls: { ca: string, cert: string, key: string }
 }
+// Signed ahead of each DPoP round; a round that uses them all stops early and says so.
+const proofCount = Number(process.env['PERF_PROOFS'] ?? 20_000)
 interface LoadResult { readonly requests: number, readonly errors: number, readonly seconds: number, readonly latenciesMs: number[], readonly ranOut: boolean }
 
 const b64 = (value: unknown): string => Buffer.from(JSON.stringify(value)).toString('base64url')
@@ -43,7 +45,7 @@ async function loadWorker (job: LoadJob): Promise<LoadResult> {
     const key = createPrivateKey(job.dpopKeyPem)
     const iat = Math.floor(Date.now() / 1000)
     const ath = sha256(job.token)
-    for (let i = 0; i < 60_000; i++) proofs.push(makeProof(key, job.jwk, { jti: randomBytes(16).toString('base64url'), htm: 'GET', htu: job.htu, iat, ath }))
+    for (let i = 0; i < proofCount; i++) proofs.push(makeProof(key, job.jwk, { jti: randomBytes(16).toString('base64url'), htm: 'GET', htu: job.htu, iat, ath }))
   }
   const scheme = proofs.length > 0 ? 'DPoP' : 'Bearer'
   const pool = new Pool(job.origin, { connections: job.connections, pipelining: 1, connect: { ...job.tls, servername: 'localhost' } })
