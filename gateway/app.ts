@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import { STATUS_CODES } from 'node:http'
 import type { Writable } from 'node:stream'
+import cors from '@fastify/cors'
 import helmet from '@fastify/helmet'
 import rateLimit from '@fastify/rate-limit'
 import Fastify, { LogController } from 'fastify'
@@ -8,11 +9,13 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import type { Sql } from 'postgres'
 import type { GatewayConfig } from '../shared/config.js'
 import { keyEncryptionKeyBytes } from '../shared/config.js'
+import { parseCaBundle } from '../shared/certificates.js'
 import { GatewayError, errorSpecs, toProblem } from '../shared/errors.js'
 import { createUpstreamCredentials } from '../shared/upstream-auth.js'
 import type { ErrorCode } from '../shared/errors.js'
+import { corsDelegator } from './cors.js'
 import { DpopNonces } from './dpop.js'
-import { rateLimitKey } from './identity.js'
+import { rateLimitKey, resolveForwardedPeer } from './identity.js'
 import { createMetrics } from './metrics.js'
 import type { Metrics } from './metrics.js'
 import { Possession } from './possession.js'
@@ -22,6 +25,7 @@ import { proxyRoutes } from './routes/proxy.js'
 import { isOAuthFormRequest, oauthError, tokenRoutes } from './routes/token.js'
 import { wellKnownRoutes } from './routes/well-known.js'
 import { HELMET_OPTIONS, helmetHeaders } from './security-headers.js'
+import { SharedLimits } from './shared-limits.js'
 import { SigningKeys } from './signing-keys.js'
 import { loadTlsOptions } from './tls.js'
 import type { GatewayTlsOptions } from './tls.js'
@@ -190,6 +194,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   app.decorateRequest('machine', null)
   app.decorateRequest('certThumbprint', null)
   app.decorateRequest('tokenId', null)
+  app.decorateRequest('forwardedPeer', null)
   app.decorateRequest('errorCode', null)
   app.decorateRequest('errorReason', null)
 
@@ -226,12 +231,31 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
 
   // HSTS and the rest of the API security headers on every response, errors included.
   await app.register(helmet, { ...HELMET_OPTIONS, global: true })
+  // Before CORS and the rate limit: a spoofed client-certificate header is refused first,
+  // and the limit counts the forwarded machine, not the proxy.
+  app.addHook('onRequest', resolveForwardedPeer({
+    trustedProxies: config.gateway.trustedProxies,
+    caBundle: () => parseCaBundle(tls.ca.toString('utf8'), config.tls.clientCaFile),
+    now: clock
+  }))
+  // No CORS_ORIGINS, no CORS: same-origin frontends need none. Helmet's
+  // Cross-Origin-Resource-Policy: same-origin stays: Fetch applies it to no-cors requests
+  // only, so it does not block CORS reads by the allowed origins, and keeps <img>/<script>
+  // embedding by every other site out.
+  if (config.cors.origins.length > 0) await app.register(cors, { delegator: corsDelegator(config.cors.origins) })
   // One budget per machine certificate across the token endpoint and every proxied route
   // (route-level limits would each get a store of their own and multiply the allowance).
   // It runs first, before the registry and token checks, so failed attempts count too.
+  const sharedLimits = config.rateLimit.redisUrl === undefined
+    ? undefined
+    : new SharedLimits({ url: config.rateLimit.redisUrl, now: clock, log: app.log, metrics })
+  if (sharedLimits !== undefined) app.addHook('onClose', async () => { await sharedLimits.close() })
+  const { max, fallbackMax } = config.rateLimit
   await app.register(rateLimit, {
     global: true,
-    max: config.rateLimit.max,
+    ...(sharedLimits === undefined
+      ? { max }
+      : { max: () => sharedLimits.shared ? max : fallbackMax, store: sharedLimits.storeClass() }),
     timeWindow: config.rateLimit.windowMs,
     hook: 'onRequest',
     keyGenerator: rateLimitKey,

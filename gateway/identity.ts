@@ -1,8 +1,12 @@
+import type { X509Certificate } from 'node:crypto'
+import { isIP } from 'node:net'
 import type { TLSSocket } from 'node:tls'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { certificateThumbprint } from '../shared/certificates.js'
 import type { Machine } from '../shared/db/machines.js'
 import { GatewayError } from '../shared/errors.js'
+import { CERT_HEADERS, ForwardedCertificates, trustedPeers } from './forwarded.js'
+import type { PeerVerdict } from './forwarded.js'
 import type { Possession, Scheme } from './possession.js'
 import type { MachineRegistry } from './registry.js'
 import type { TokenService } from './tokens.js'
@@ -13,16 +17,21 @@ declare module 'fastify' {
     machine: Machine | null
     certThumbprint: string | null
     tokenId: string | null
+    // The client certificate a trusted proxy forwarded; null: the TLS connection's own.
+    forwardedPeer: PeerVerdict | null
   }
 }
 
-type PeerVerdict = { readonly thumbprint: string } | { readonly error: GatewayError }
-
 // The certificate does not change for the life of a TLS connection, so its verdict and
-// fingerprint are computed once per socket, not per keep-alive request.
+// fingerprint are computed once per socket, not per keep-alive request. Never for
+// forwarded certificates: behind a proxy one connection carries many workstations.
 const verdicts = new WeakMap<TLSSocket, PeerVerdict>()
 
-function peerVerdict (socket: TLSSocket): PeerVerdict {
+function peerVerdict (request: FastifyRequest): PeerVerdict {
+  return request.forwardedPeer ?? socketVerdict(request.raw.socket as TLSSocket)
+}
+
+function socketVerdict (socket: TLSSocket): PeerVerdict {
   let verdict = verdicts.get(socket)
   if (verdict === undefined) {
     const cert = typeof socket.getPeerX509Certificate === 'function' ? socket.getPeerX509Certificate() : undefined
@@ -44,15 +53,54 @@ function peerVerdict (socket: TLSSocket): PeerVerdict {
 // one, else the address. Cheap (cached per socket) and known before any database lookup,
 // so refused requests count against the limit too.
 export function rateLimitKey (request: FastifyRequest): string {
-  const verdict = peerVerdict(request.raw.socket as TLSSocket)
+  const verdict = peerVerdict(request)
   return 'thumbprint' in verdict ? verdict.thumbprint : request.ip
+}
+
+export interface ForwardedOptions {
+  readonly trustedProxies: readonly string[]
+  // TLS_CLIENT_CA_FILE, parsed only when there are trusted proxies.
+  readonly caBundle: () => readonly X509Certificate[]
+  readonly now: () => number
+}
+
+// onRequest hook, before the rate limit: which certificate is this request's? From a peer in
+// TRUSTED_PROXIES, the one its forwarded-certificate header names (and the client IP from
+// X-Forwarded-For, which Fastify's trustProxy already resolves to the right-most untrusted
+// hop); from anyone else such a header is a spoofing attempt, refused before any lookup.
+export function resolveForwardedPeer (options: ForwardedOptions) {
+  const trusted = trustedPeers(options.trustedProxies)
+  const forwarded = options.trustedProxies.length === 0 ? undefined : new ForwardedCertificates(options.caBundle(), options.now)
+  return async function forwardedPeer (request: FastifyRequest): Promise<void> {
+    const headers = request.headers
+    let found: { name: typeof CERT_HEADERS[number], value: string } | undefined
+    let fromProxy: boolean | undefined
+    for (const name of CERT_HEADERS) {
+      const raw = headers[name]
+      if (raw === undefined) continue
+      fromProxy ??= trusted(request.raw.socket.remoteAddress)
+      if (!fromProxy) {
+        request.log.warn({ header: name, remoteAddress: request.raw.socket.remoteAddress }, 'client-certificate header from an untrusted peer refused')
+        throw new GatewayError('FORWARDED_HEADER_UNTRUSTED', [name])
+      }
+      if (found !== undefined) {
+        request.forwardedPeer = { error: new GatewayError('FORWARDED_HEADER_INVALID', [name, `sent together with ${found.name}`]) }
+        return
+      }
+      found = { name, value: Array.isArray(raw) ? raw.join(', ') : raw }
+    }
+    if (headers['x-forwarded-for'] !== undefined && isIP(request.ip) === 0 && trusted(request.raw.socket.remoteAddress)) {
+      throw new GatewayError('FORWARDED_HEADER_INVALID', ['x-forwarded-for', 'not a list of IP addresses'])
+    }
+    // An empty value is a proxy saying "no client certificate": the TLS connection decides.
+    if (found !== undefined && found.value !== '' && forwarded !== undefined) request.forwardedPeer = forwarded.verdict(found.name, found.value)
+  }
 }
 
 // preValidation hook for routes that need a registered machine (request path step 2).
 export function identify (registry: MachineRegistry) {
   return async function identifyMachine (request: FastifyRequest): Promise<void> {
-    const socket = request.raw.socket as TLSSocket
-    const verdict = peerVerdict(socket)
+    const verdict = peerVerdict(request)
     if ('error' in verdict) throw verdict.error
     const machine = await registry.lookup(verdict.thumbprint)
     if (machine === null) throw new GatewayError('MACHINE_NOT_REGISTERED')

@@ -45,7 +45,17 @@ export function createMetrics () {
     labelNames: ['mode', 'result'] as const,
     registers: [registry]
   })
-  return { registry, requests, duration, upstreamDuration, tokensIssued, registryLookups, upstreamTokenFetches }
+  const rateLimitFallback = new Counter({
+    name: 'ehr_gateway_rate_limit_fallback_total',
+    help: 'Requests counted by the per-instance fallback limit because Redis was unreachable',
+    registers: [registry]
+  })
+  const rateLimitRedisUp = new Gauge({
+    name: 'ehr_gateway_rate_limit_redis_up',
+    help: '1 while rate limits are shared through Redis (REDIS_URL), 0 while falling back',
+    registers: [registry]
+  })
+  return { registry, requests, duration, upstreamDuration, tokensIssued, registryLookups, upstreamTokenFetches, rateLimitFallback, rateLimitRedisUp }
 }
 
 export type Metrics = ReturnType<typeof createMetrics>

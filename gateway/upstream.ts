@@ -24,10 +24,11 @@ const REQUEST_DROP = new Set([
   'te', 'trailer', 'transfer-encoding', 'upgrade', 'host', 'expect',
   'authorization', 'cookie', 'dpop',
   'x-forwarded-client-cert', 'x-ssl-client-cert', 'x-client-cert', 'ssl-client-cert',
+  'client-cert', 'client-cert-chain', // RFC 9440
   'forwarded', 'x-real-ip', 'true-client-ip', 'x-client-ip', 'x-cluster-client-ip', 'x-request-id',
   'x-http-method-override', 'x-http-method', 'x-method-override', 'x-rewrite-url'
 ])
-const REQUEST_DROP_PREFIXES = ['x-forwarded-', 'x-original-', 'x-envoy-', 'x-goog-', 'cf-']
+const REQUEST_DROP_PREFIXES = ['x-forwarded-', 'x-original-', 'x-envoy-', 'x-goog-', 'x-ssl-', 'cf-']
 
 // Hop-by-hop again, and upstream headers that mean nothing for the gateway's origin or
 // name the EHR's internals: its auth challenges (the client authenticates to us), cookies,

@@ -51,6 +51,9 @@ const schema = {
     REGISTRY_CACHE_TTL_MS: { type: 'integer', minimum: 0, maximum: 600_000, default: 30_000 },
     RATE_LIMIT_MAX: { type: 'integer', minimum: 1, default: 600 },
     RATE_LIMIT_WINDOW: { type: 'string', default: '1 minute' },
+    RATE_LIMIT_FALLBACK_MAX: { type: 'integer', minimum: 1 },
+    REDIS_URL: { type: 'string' },
+    CORS_ORIGINS: { type: 'string' },
     SHUTDOWN_GRACE_MS: { type: 'integer', minimum: 0, default: 10_000 },
     LOG_LEVEL: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
     TOKEN_REQUIRE_DPOP: { type: 'string', enum: BOOLEAN, default: 'false' },
@@ -61,8 +64,6 @@ const schema = {
     DPOP_NONCE: { type: 'string', enum: BOOLEAN, default: 'false' },
     // Contract variables whose features land in later releases; see NOT_YET_SUPPORTED.
     GATEWAY_WORKERS: { type: 'string' },
-    CORS_ORIGINS: { type: 'string' },
-    REDIS_URL: { type: 'string' },
     // Upstream token sources (shared/upstream-auth-config.ts checks the combinations).
     GOOGLE_OAUTH_CLIENT_ID: { type: 'string' },
     GOOGLE_OAUTH_CLIENT_SECRET: { type: 'string' },
@@ -98,10 +99,10 @@ export const FILE_SECRETS = [
 ] as const
 
 // Setting one of these and having it silently ignored would give a false sense of
-// security (REDIS_URL: limits that are not shared), so they are refused until the release
-// that implements them.
+// capacity (GATEWAY_WORKERS: one process where several were asked for), so they are
+// refused until the release that implements them.
 const NOT_YET_SUPPORTED = [
-  'GATEWAY_WORKERS', 'CORS_ORIGINS', 'REDIS_URL'
+  'GATEWAY_WORKERS'
 ] as const
 
 // What a caller is about to do decides which variables must be present.
@@ -164,7 +165,16 @@ export interface Config {
     readonly nonce: boolean
   }
   readonly registry: { readonly cacheTtlMs: number }
-  readonly rateLimit: { readonly max: number, readonly windowMs: number }
+  readonly rateLimit: {
+    readonly max: number
+    readonly windowMs: number
+    // Shared counters across instances; undefined: each instance counts for itself.
+    readonly redisUrl: Secret | undefined
+    // The per-instance limit while Redis is unreachable.
+    readonly fallbackMax: number
+  }
+  // Exact origins (scheme://host[:port]) allowed credentialed CORS; empty: no CORS at all.
+  readonly cors: { readonly origins: readonly string[] }
   readonly log: { readonly level: string }
 }
 
@@ -250,6 +260,48 @@ function isCidr (text: string): boolean {
   if (max < 0) return false
   if (bits === undefined) return true
   return /^\d+$/.test(bits) && Number(bits) <= max
+}
+
+// The URL carries the Redis password, so problems describe its shape, never its text.
+function redisUrlProblems (text: string): Problem[] {
+  let url: URL
+  try {
+    url = new URL(text)
+  } catch {
+    return [{ variable: 'REDIS_URL', message: 'is not a valid URL (redis://[:password@]host[:port][/db] or rediss:// for TLS)' }]
+  }
+  if (url.protocol !== 'redis:' && url.protocol !== 'rediss:') return [{ variable: 'REDIS_URL', message: 'must start with redis:// or rediss://' }]
+  if (url.hostname === '') return [{ variable: 'REDIS_URL', message: 'names no host' }]
+  if (!/^(\/\d*)?$/.test(url.pathname)) return [{ variable: 'REDIS_URL', message: 'path must be a database number, like /0' }]
+  return []
+}
+
+// CORS_ORIGINS: what a browser sends in `Origin` (RFC 6454 §6.2: scheme://host[:port],
+// lower-case, default port omitted), so matching is an exact string comparison.
+function parseOrigins (text: string, production: boolean, problems: Problem[]): string[] {
+  const origins: string[] = []
+  for (const item of text.split(',').map(s => s.trim()).filter(s => s !== '')) {
+    if (item === '*' || item === 'null') {
+      // Fetch §3.2.5: credentialed responses cannot use `*`; a wildcard or the opaque
+      // `null` origin would hand every site the workstation's client certificate.
+      problems.push({ variable: 'CORS_ORIGINS', message: `'${item}' is not allowed: list each frontend origin (credentials are used)` })
+      continue
+    }
+    let url: URL | undefined
+    try { url = new URL(item) } catch {}
+    if (url === undefined || !/^https?:\/\/[^/?#@]+\/?$/i.test(item) || (url.protocol !== 'https:' && url.protocol !== 'http:')) {
+      problems.push({ variable: 'CORS_ORIGINS', message: `'${item}' is not an origin (scheme://host[:port], no path)` })
+      continue
+    }
+    // A page served over plain http can be rewritten in transit, and would then use the
+    // workstation's certificate with the attacker's script.
+    if (production && url.protocol === 'http:' && !['localhost', '127.0.0.1', '[::1]'].includes(url.hostname)) {
+      problems.push({ variable: 'CORS_ORIGINS', message: `'${item}' must be https:// in production` })
+      continue
+    }
+    origins.push(url.origin)
+  }
+  return origins
 }
 
 function decodeKek (text: string): Buffer | undefined {
@@ -344,6 +396,10 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
     problems.push({ variable: 'RATE_LIMIT_WINDOW', message: "must be a duration of at least 1 second, like '1 minute' or '30s'" })
   }
 
+  const redisUrl = str('REDIS_URL')
+  if (redisUrl !== undefined) problems.push(...redisUrlProblems(redisUrl))
+  const corsOrigins = parseOrigins(str('CORS_ORIGINS') ?? '', production, problems)
+
   let kek: Secret | undefined
   const kekRaw = str('TOKEN_KEY_ENCRYPTION_KEY')
   if (kekRaw !== undefined) {
@@ -423,7 +479,13 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
     },
     dpop: { maxAgeSeconds: num('DPOP_MAX_AGE_SECONDS'), nonce: bool('DPOP_NONCE') },
     registry: { cacheTtlMs: num('REGISTRY_CACHE_TTL_MS') },
-    rateLimit: { max: num('RATE_LIMIT_MAX'), windowMs: windowMs ?? 60_000 },
+    rateLimit: {
+      max: num('RATE_LIMIT_MAX'),
+      windowMs: windowMs ?? 60_000,
+      redisUrl: redisUrl === undefined ? undefined : new Secret(redisUrl, maskUrlPassword(redisUrl)),
+      fallbackMax: raw['RATE_LIMIT_FALLBACK_MAX'] === undefined ? num('RATE_LIMIT_MAX') : num('RATE_LIMIT_FALLBACK_MAX')
+    },
+    cors: { origins: corsOrigins },
     log: { level: str('LOG_LEVEL') ?? 'info' }
   }
   return deepFreeze(config)

@@ -134,9 +134,9 @@ t.test('client credentials and forwarded identity never reach the upstream; our 
       ...auth,
       cookie: 'session=client-cookie-value',
       dpop: 'eyJhbGciOiJFUzI1NiJ9.client-proof.sig',
-      'x-forwarded-client-cert': 'Hash=deadbeef;Subject="CN=admin"',
-      'x-ssl-client-cert': '-----BEGIN%20CERTIFICATE-----',
       'x-forwarded-for': '10.9.9.9',
+      'x-ssl-client-verify': 'SUCCESS',
+      'client-cert': ':MIIB:',
       'x-api-key': 'attacker',
       'x-request-id': 'client-chosen-id',
       accept: 'application/fhir+json',
@@ -146,7 +146,7 @@ t.test('client credentials and forwarded identity never reach the upstream; our 
   t.equal(res.status, 200, res.text)
   const seen = gw.upstream.requests[0]?.headers ?? {}
   t.equal(seen['x-api-key'], TEST_API_KEY)
-  for (const name of ['authorization', 'cookie', 'dpop', 'x-forwarded-client-cert', 'x-ssl-client-cert', 'x-forwarded-for']) {
+  for (const name of ['authorization', 'cookie', 'dpop', 'x-forwarded-for', 'x-ssl-client-verify', 'client-cert']) {
     t.equal(seen[name], undefined, `${name} stripped`)
   }
   t.notMatch(JSON.stringify(gw.upstream.requests[0]?.rawHeaders), /attacker|client-cookie-value|client-proof|Bearer/)
@@ -155,6 +155,16 @@ t.test('client credentials and forwarded identity never reach the upstream; our 
   t.not(seen['x-request-id'], 'client-chosen-id')
   t.equal(res.headers['x-request-id'], seen['x-request-id'], 'x-request-id matches what the upstream got')
   t.match(res.headers['x-request-id'], /^[0-9a-f-]{36}$/)
+})
+
+// Without TRUSTED_PROXIES nobody may name a certificate in a header (test/gateway/forwarded.test.ts
+// has the trusted side).
+t.test('forwarded client-certificate headers from a direct client are refused, not passed on', async t => {
+  const before = gw.upstream.requests.length
+  for (const [name, value] of [['x-forwarded-client-cert', 'Hash=deadbeef;Subject="CN=admin"'], ['x-ssl-client-cert', '-----BEGIN%20CERTIFICATE-----']] as const) {
+    assertProblem(t, await raw(gw, agent, '/fhir/Patient/1', { headers: { ...auth, [name]: value } }), 400, 'FORWARDED_HEADER_UNTRUSTED')
+  }
+  t.equal(gw.upstream.requests.length, before, 'the upstream saw none of them')
 })
 
 t.test('hop-by-hop and Connection-listed headers are stripped both ways', async t => {
