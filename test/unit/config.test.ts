@@ -155,3 +155,34 @@ t.test('production refuses what only works on one host or leaks credentials', as
   t.match(problems(() => loadGatewayConfig({ ...production, TOKEN_ISSUER: 'https://gw.example', EHR_UPSTREAM_URL: 'http://ehr.internal/fhir' }))['EHR_UPSTREAM_URL'], /https/)
   t.same(problems(() => loadGatewayConfig({ ...production, TOKEN_ISSUER: 'https://gw.example', EHR_UPSTREAM_URL: 'http://127.0.0.1:8080/fhir' })), {}, 'a sidecar on this host may be plain http')
 })
+
+t.test('REDIS_URL: redis:// or rediss://, its password a secret', async t => {
+  const config = loadGatewayConfig({ ...full, REDIS_URL: 'rediss://:p4ss-w0rd@redis.internal:6380/2' })
+  t.equal(config.rateLimit.redisUrl?.reveal(), 'rediss://:p4ss-w0rd@redis.internal:6380/2')
+  t.notMatch(JSON.stringify(config), /p4ss-w0rd/)
+  t.notMatch(inspect(config, { depth: Infinity }), /p4ss-w0rd/)
+  t.match(JSON.stringify(config), /rediss:\/\/:\*\*\*@redis\.internal:6380\/2/)
+  t.equal(config.rateLimit.fallbackMax, 600, 'the fallback limit defaults to RATE_LIMIT_MAX')
+  t.equal(loadGatewayConfig({ ...full, RATE_LIMIT_MAX: '90', RATE_LIMIT_FALLBACK_MAX: '30' }).rateLimit.fallbackMax, 30)
+  t.equal(loadGatewayConfig(full).rateLimit.redisUrl, undefined, 'per instance by default')
+  for (const bad of ['http://redis.internal', 'redis.internal:6379', 'redis://', 'redis://host/not-a-db']) {
+    const found = problems(() => loadGatewayConfig({ ...full, REDIS_URL: bad }))
+    t.ok(found['REDIS_URL'], `${bad}: ${found['REDIS_URL']}`)
+  }
+  const found = problems(() => loadGatewayConfig({ ...full, REDIS_URL: 'http://:leaky-pass@x' }))
+  t.notMatch(JSON.stringify(found), /leaky-pass/, 'the message never repeats the URL')
+  t.ok(problems(() => loadGatewayConfig({ ...full, RATE_LIMIT_FALLBACK_MAX: '0' }))['RATE_LIMIT_FALLBACK_MAX'])
+})
+
+t.test('CORS_ORIGINS: exact origins only, never a wildcard', async t => {
+  t.same(loadGatewayConfig(full).cors.origins, [], 'no CORS by default')
+  t.same(loadGatewayConfig({ ...full, CORS_ORIGINS: 'https://App.Hospital.internal, https://b.example:8443/, http://localhost:5173' }).cors.origins,
+    ['https://app.hospital.internal', 'https://b.example:8443', 'http://localhost:5173'], 'normalised as browsers send Origin')
+  t.same(loadGatewayConfig({ ...full, CORS_ORIGINS: 'https://a.example:443' }).cors.origins, ['https://a.example'], 'default port dropped')
+  for (const bad of ['*', 'null', 'https://a.example/app', 'https://a.example?x=1', 'a.example', 'ftp://a.example', 'https://user@a.example', 'https://a.example,*']) {
+    t.ok(problems(() => loadGatewayConfig({ ...full, CORS_ORIGINS: bad }))['CORS_ORIGINS'], `${bad} refused`)
+  }
+  const production = { ...full, NODE_ENV: 'production', TOKEN_ISSUER: 'https://gw.example' }
+  t.match(problems(() => loadGatewayConfig({ ...production, CORS_ORIGINS: 'http://frontend.example' }))['CORS_ORIGINS'], /https/)
+  t.same(problems(() => loadGatewayConfig({ ...production, CORS_ORIGINS: 'https://frontend.example,http://localhost:3000' })), {})
+})
