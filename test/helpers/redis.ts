@@ -10,6 +10,9 @@ export interface TestRedis {
   readonly url: string
   stop(): Promise<void>
   start(): Promise<void>
+  // SIGSTOP/SIGCONT: a Redis whose connections stay open but that answers nothing.
+  pause(): void
+  resume(): void
 }
 
 async function accepts (port: number): Promise<boolean> {
@@ -32,11 +35,14 @@ export async function startRedis (t: Test): Promise<TestRedis> {
       child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
       for (let i = 0; i < 200 && !(await accepts(port)); i++) await sleep(25)
     },
+    pause () { child?.kill('SIGSTOP') },
+    resume () { child?.kill('SIGCONT') },
     async stop () {
       const running = child
       child = undefined
       if (running === undefined || running.exitCode !== null) return
       await new Promise<void>(resolve => { running.once('exit', () => { resolve() }); running.kill('SIGKILL') })
+      // SIGKILL ends a stopped process too
     }
   }
   await redis.start()
