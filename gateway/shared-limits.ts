@@ -36,6 +36,7 @@ export class SharedLimits {
   #up = false
   #outage = false
   #probe: NodeJS.Timeout | undefined
+  #closed = false
 
   constructor (options: SharedLimitsOptions) {
     this.#now = options.now
@@ -113,6 +114,7 @@ export class SharedLimits {
   }
 
   #markDown (err: Error): void {
+    if (this.#closed) return
     this.#up = false
     this.#metrics.rateLimitRedisUp.set(0)
     if (!this.#outage) {
@@ -127,9 +129,10 @@ export class SharedLimits {
   }
 
   async close (): Promise<void> {
+    this.#closed = true
+    this.#up = false
     clearInterval(this.#probe)
     this.#probe = undefined
-    this.redis.removeAllListeners('close')
     if (this.redis.status === 'ready') {
       try {
         await this.redis.quit()
