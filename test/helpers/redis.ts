@@ -32,8 +32,11 @@ export async function startRedis (t: Test): Promise<TestRedis> {
     port,
     url: `redis://127.0.0.1:${port}`,
     async start () {
+      let failed: Error | undefined
       child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
-      for (let i = 0; i < 200 && !(await accepts(port)); i++) await sleep(25)
+      child.once('error', err => { failed = err })
+      for (let i = 0; i < 200 && failed === undefined && !(await accepts(port)); i++) await sleep(25)
+      if (failed !== undefined) throw new Error(`cannot start redis-server (${failed.message}); install it, e.g. apt-get install redis-server`)
     },
     pause () { child?.kill('SIGSTOP') },
     resume () { child?.kill('SIGCONT') },
