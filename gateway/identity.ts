@@ -49,8 +49,8 @@ function socketVerdict (socket: TLSSocket): PeerVerdict {
   return verdict
 }
 
-// The rate-limit key: the client certificate's fingerprint when the handshake verified
-// one, else the address. Cheap (cached per socket) and known before any database lookup,
+// The rate-limit key: the client certificate's fingerprint when the handshake (or a trusted
+// proxy's header) gave a verified one, else the client address. Cheap (cached per socket) and known before any database lookup,
 // so refused requests count against the limit too.
 export function rateLimitKey (request: FastifyRequest): string {
   const verdict = peerVerdict(request)
