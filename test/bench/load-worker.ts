@@ -1,18 +1,37 @@
-// Closed-loop load generator in its own thread: `connections` keep-alive connections, each
-// sending its next request as soon as the previous answer is read.
+// The one load generator for every target, in its own thread: undici with the machine's
+// client certificate over a fixed number of keep-alive connections, latencies into an HDR
+// histogram (µs). Closed loop (each connection sends its next request when the previous
+// answer is read) or fixed rate (requests scheduled at 1/rate intervals; latency runs from
+// the intended send time, so a stall counts against every request it delayed instead of
+// being hidden by coordinated omission).
 import { parentPort, workerData } from 'node:worker_threads'
+import * as hdr from 'hdr-histogram-js'
 import { Pool } from 'undici'
+import { DpopSigner } from './dpop.js'
+
+// get: a fixed request; dpop: a fresh proof per request for one DPoP-bound token;
+// single-use: a fresh token for every call (the pair is one sample); token: issuance only.
+export type LoadKind = 'get' | 'dpop' | 'single-use' | 'token'
 
 export interface LoadJob {
   readonly origin: string
   readonly path: string
+  readonly kind: LoadKind
   readonly headers: Record<string, string>
   readonly connections: number
   readonly seconds: number
+  // requests per second for a fixed-rate run; closed loop when absent
+  readonly rate?: number
   readonly tls?: { ca: string, cert: string, key: string }
 }
 
-export interface LoadResult { readonly requests: number, readonly errors: number, readonly seconds: number, readonly latenciesMs: number[] }
+export interface LoadResult {
+  readonly requests: number
+  readonly errors: number
+  readonly seconds: number
+  readonly histogram: string // hdr-histogram-js compressed base64, µs
+  readonly firstError?: string
+}
 
 const job = workerData as LoadJob
 const pool = new Pool(job.origin, {
@@ -20,27 +39,78 @@ const pool = new Pool(job.origin, {
   pipelining: 1,
   ...(job.tls === undefined ? {} : { connect: { ...job.tls, servername: 'localhost' } })
 })
-const latencies: number[] = []
+const histogram = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000, numberOfSignificantValueDigits: 3 })
+const signer = job.kind === 'dpop' || job.kind === 'single-use' ? new DpopSigner() : undefined
+let firstError: string | undefined
 let errors = 0
-const started = performance.now()
-const until = started + job.seconds * 1000
+let requests = 0
 
-async function loop (): Promise<void> {
-  while (performance.now() < until) {
-    const t0 = performance.now()
-    try {
-      const res = await pool.request({ method: 'GET', path: job.path, headers: job.headers })
-      await res.body.dump()
-      if (res.statusCode !== 200) errors++
-      else latencies.push(performance.now() - t0)
-    } catch {
-      errors++
-    }
+async function call (method: 'GET' | 'POST', path: string, headers: Record<string, string>): Promise<{ status: number, body: string }> {
+  const res = await pool.request({ method, path, headers })
+  if (res.statusCode === 200 && method === 'GET') {
+    await res.body.dump()
+    return { status: 200, body: '' }
+  }
+  return { status: res.statusCode, body: await res.body.text() }
+}
+
+async function fetchToken (dpop: boolean): Promise<string> {
+  const headers: Record<string, string> = dpop && signer !== undefined ? { dpop: signer.proof('POST', `${job.origin}/v1/token`) } : {}
+  const res = await call('POST', '/v1/token', headers)
+  if (res.status !== 200) throw new Error(`POST /v1/token: ${res.status} ${res.body.slice(0, 300)}`)
+  return (JSON.parse(res.body) as { access_token: string }).access_token
+}
+
+const dpopToken = job.kind === 'dpop' ? await fetchToken(true) : undefined
+
+// One sample: true when it succeeded.
+async function once (): Promise<void> {
+  let res
+  if (job.kind === 'token') {
+    res = await call('POST', '/v1/token', job.headers)
+  } else if (job.kind === 'single-use') {
+    const token = await fetchToken(false)
+    res = await call('GET', job.path, { ...job.headers, authorization: `Bearer ${token}` })
+  } else if (job.kind === 'dpop' && signer !== undefined && dpopToken !== undefined) {
+    res = await call('GET', job.path, { ...job.headers, authorization: `DPoP ${dpopToken}`, dpop: signer.proof('GET', job.origin + job.path, dpopToken) })
+  } else {
+    res = await call('GET', job.path, job.headers)
+  }
+  if (res.status !== 200) throw new Error(`${res.status} ${res.body.slice(0, 300)}`)
+}
+
+async function sample (t0: number): Promise<void> {
+  try {
+    await once()
+    requests++
+    histogram.recordValue(Math.max(1, Math.round((performance.now() - t0) * 1000)))
+  } catch (err) {
+    errors++
+    firstError ??= err instanceof Error ? err.message : String(err)
   }
 }
 
-await Promise.all(Array.from({ length: job.connections }, loop))
+const started = performance.now()
+const until = started + job.seconds * 1000
+if (job.rate === undefined) {
+  await Promise.all(Array.from({ length: job.connections }, async () => {
+    while (performance.now() < until) await sample(performance.now())
+  }))
+} else {
+  const interval = 1000 / job.rate
+  const inflight = new Set<Promise<void>>()
+  for (let i = 0; ; i++) {
+    const intended = started + i * interval
+    if (intended >= until) break
+    const wait = intended - performance.now()
+    // Yield even when behind, or the answers that would catch us up are never read.
+    await new Promise(resolve => wait > 0 ? setTimeout(resolve, wait) : setImmediate(resolve))
+    const p = sample(intended).finally(() => inflight.delete(p))
+    inflight.add(p)
+  }
+  await Promise.all(inflight)
+}
 const seconds = (performance.now() - started) / 1000
 await pool.close()
-const result: LoadResult = { requests: latencies.length, errors, seconds, latenciesMs: latencies }
+const result: LoadResult = { requests, errors, seconds, histogram: hdr.encodeIntoCompressedBase64(histogram), ...(firstError === undefined ? {} : { firstError }) }
 parentPort?.postMessage(result)

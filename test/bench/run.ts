@@ -1,47 +1,63 @@
-// `npm run bench`: the full secured path against a plain mTLS proxy and the upstream alone,
-// measured side by side in one run on the same data. Never part of `npm test`.
-//   BENCH_SECONDS (default 5) per round, BENCH_ROUNDS (3), BENCH_CONNECTIONS (50),
-//   BENCH_LOG_LEVEL (info), BENCH_TARGETS (direct,plain,gateway: a subset, e.g. to profile one)
+// `npm run bench`: the gateway in its configurations against what a user would run instead
+// (the upstream alone, @fastify/http-proxy over mTLS, nginx mTLS), side by side in one run on
+// the same data, each server its own process. Never part of `npm test`.
+//   npm run bench                 table + extras + micro-benchmarks (a few minutes)
+//   npm run bench -- --micro      micro-benchmarks only
+//   npm run bench -- --soak       RSS soak of the Bearer gateway (BENCH_SOAK_SECONDS, 600)
+// Env: BENCH_SECONDS (5) per round, BENCH_ROUNDS (3), BENCH_WARMUP_SECONDS (2),
+//   BENCH_CONNECTIONS (50), BENCH_ROWS (comma list of row ids, default all),
+//   BENCH_FIXED_RATE (1000) and BENCH_FIXED_SECONDS (10), BENCH_REVOCATIONS (20),
+//   BENCH_NGINX_WORKERS (1), BENCH_SOAK_RATE (500), BENCH_CPU_PROF (dir: the Bearer gateway
+//   runs under `node --cpu-prof` and writes its profile there), DATABASE_URL (else embedded).
 import { randomBytes, X509Certificate } from 'node:crypto'
+import { existsSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
-import { cpus, tmpdir } from 'node:os'
+import { cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import { Writable } from 'node:stream'
+import { fileURLToPath } from 'node:url'
 import { Worker } from 'node:worker_threads'
-import Fastify from 'fastify'
+import * as hdr from 'hdr-histogram-js'
 import postgres from 'postgres'
 import { Pool } from 'undici'
-import { buildGateway } from '../../gateway/app.js'
 import { createDevCa, writeKeyPair } from '../../gateway/demo/pki.js'
-import { createUpstreamPool } from '../../gateway/upstream.js'
 import { describeCertificate } from '../../shared/certificates.js'
-import { loadGatewayConfig } from '../../shared/config.js'
 import { startEmbeddedPostgres } from '../../shared/db/embedded.js'
 import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { migrate } from '../../shared/db/migrations.js'
-import type { LoadJob, LoadResult } from './load-worker.js'
+import { DpopSigner } from './dpop.js'
+import type { LoadJob, LoadKind, LoadResult } from './load-worker.js'
+import { runMicro } from './micro.js'
+import { cpuSeconds, firstJsonLine, freePort, rssBytes, start } from './procs.js'
+import type { Proc } from './procs.js'
 
-const seconds = Number(process.env['BENCH_SECONDS'] ?? 5)
-const rounds = Number(process.env['BENCH_ROUNDS'] ?? 3)
-const connections = Number(process.env['BENCH_CONNECTIONS'] ?? 50)
+const num = (name: string, fallback: number): number => Number(process.env[name] ?? fallback)
+const seconds = num('BENCH_SECONDS', 5)
+const rounds = Math.max(1, num('BENCH_ROUNDS', 3))
+const warmup = num('BENCH_WARMUP_SECONDS', 2)
+const connections = num('BENCH_CONNECTIONS', 50)
+const fixedRate = num('BENCH_FIXED_RATE', 1000)
+const fixedSeconds = num('BENCH_FIXED_SECONDS', 10)
+const revocations = num('BENCH_REVOCATIONS', 20)
+const args = new Set(process.argv.slice(2))
+const mode = args.has('--soak') ? 'soak' : args.has('--micro') ? 'micro' : 'table'
 
-function worker<T> (file: string, data?: unknown): { worker: Worker, first: Promise<T> } {
-  const w = new Worker(new URL(file, import.meta.url), { workerData: data })
-  return { worker: w, first: new Promise<T>((resolve, reject) => { w.once('message', resolve); w.once('error', reject) }) }
-}
+const dist = fileURLToPath(new URL('../../', import.meta.url)) // dist/
+const resultsDir = fileURLToPath(new URL('./results/', import.meta.url)).replace('/dist/test/', '/test/')
+const PATH = '/fhir/Patient/bench-0001'
 
 async function load (job: LoadJob): Promise<LoadResult> {
-  const { worker: w, first } = worker<LoadResult>('./load-worker.js', job)
-  const result = await first
+  const w = new Worker(new URL('./load-worker.js', import.meta.url), { workerData: job })
+  const result = await new Promise<LoadResult>((resolve, reject) => { w.once('message', resolve); w.once('error', reject) })
   await w.terminate()
   return result
 }
 
-function percentile (sorted: number[], p: number): number {
-  return sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))] as number
-}
+const ms = (h: hdr.Histogram, p: number): number => h.getValueAtPercentile(p) / 1000
+const sleep = async (msecs: number): Promise<void> => { await new Promise(resolve => setTimeout(resolve, msecs)) }
 
+// ---------------------------------------------------------------- setup
 const work = await mkdtemp(join(tmpdir(), 'ehrgw-bench-'))
+const procs: Proc[] = []
 let adminUrl = process.env['DATABASE_URL']
 const embedded = adminUrl === undefined ? await startEmbeddedPostgres({ dir: join(work, 'pg'), database: 'postgres' }) : undefined
 adminUrl ??= embedded?.url as string
@@ -50,23 +66,28 @@ const admin = postgres(adminUrl, { max: 1, onnotice: () => {} })
 await admin.unsafe(`create database ${dbName}`)
 const dbUrl = new URL(adminUrl)
 dbUrl.pathname = `/${dbName}`
-const sql = postgres(dbUrl.toString(), { max: 10, onnotice: () => {}, transform: postgres.camel })
-
-const { worker: upstreamWorker, first: upstreamReady } = worker<{ port: number, bytes: number }>('./upstream-worker.js')
-const { port: upstreamPort, bytes } = await upstreamReady
-const upstreamOrigin = `http://127.0.0.1:${upstreamPort}`
+const sql = postgres(dbUrl.toString(), { max: 4, onnotice: () => {}, transform: postgres.camel })
 
 try {
   await migrate(sql)
   const ca = await createDevCa()
   const pkiDir = join(work, 'pki')
   await mkdir(pkiDir)
-  const server = await writeKeyPair(pkiDir, 'server', await ca.issueServer({ commonName: 'localhost' }))
+  const server = await writeKeyPair(pkiDir, 'server', await ca.issueServer({ commonName: 'localhost', dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'] }))
   const caFile = join(pkiDir, 'ca.crt')
   await writeFile(caFile, ca.cert)
+  const repo = machinesRepository(sql)
   const client = await ca.issueClient({ commonName: 'ws-bench-01' })
-  await machinesRepository(sql).add(machineRecord('ws-bench-01', describeCertificate(new X509Certificate(client.cert)), null))
-  const config = loadGatewayConfig({
+  await repo.add(machineRecord('ws-bench-01', describeCertificate(new X509Certificate(client.cert)), null))
+  const tls = { ca: ca.cert, cert: client.cert, key: client.key }
+
+  const upstream = start(process.execPath, [join(dist, 'test/bench/upstream.js')], { PATH: process.env['PATH'] })
+  procs.push(upstream)
+  const { port: upstreamPort, bytes } = await firstJsonLine<{ port: number, bytes: number }>(upstream)
+  const upstreamOrigin = `http://127.0.0.1:${upstreamPort}`
+
+  const gatewayBaseEnv = {
+    PATH: process.env['PATH'],
     NODE_ENV: 'production',
     DATABASE_URL: dbUrl.toString(),
     TLS_CERT_FILE: server.certFile,
@@ -77,96 +98,377 @@ try {
     TOKEN_KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
     TOKEN_ISSUER: 'https://localhost',
     TOKEN_TTL_SECONDS: '3600',
-    RATE_LIMIT_MAX: '100000000',
-    // Production's default level: every request logs its start and end.
-    LOG_LEVEL: process.env['BENCH_LOG_LEVEL'] ?? 'info'
-  })
-  const tls = { ca: ca.cert, cert: client.cert, key: client.key }
-  const discard = new Writable({ write (_chunk, _enc, done) { done() } })
-
-  // The baseline a user would otherwise run: Fastify over the same mutual TLS, proxying
-  // through an undici pool, with no registry, token or rate limit.
-  async function startPlainProxy (): Promise<{ origin: string, close: () => Promise<void> }> {
-    const pool = new Pool(upstreamOrigin, { connections: config.upstream.connections })
-    const app = Fastify({ https: { cert: await readFile(server.certFile), key: await readFile(server.keyFile), ca: ca.cert, requestCert: true, rejectUnauthorized: true } })
-    app.get('/fhir/*', async (request, reply) => {
-      const res = await pool.request({ method: 'GET', path: request.url })
-      return await reply.code(res.statusCode).headers(res.headers).send(res.body)
-    })
-    await app.listen({ host: '127.0.0.1', port: 0 })
-    const port = (app.server.address() as { port: number }).port
-    let handshakes = 0
-    app.server.on('secureConnection', () => { handshakes++ })
-    return { origin: `https://localhost:${port}`, close: async () => { console.log(`#   plain proxy: ${handshakes} TLS handshakes`); await app.close(); await pool.close() } }
+    RATE_LIMIT_MAX: '1000000000',
+    // production's default level: one access-log line per request
+    LOG_LEVEL: 'info'
   }
 
-  async function startGatewayTarget (): Promise<{ origin: string, close: () => Promise<void>, token: string }> {
-    const pool = createUpstreamPool(config)
-    const app = await buildGateway(config, { sql, upstream: pool, logStream: discard })
-    await app.listen({ host: '127.0.0.1', port: 0 })
-    const port = (app.server.address() as { port: number }).port
-    const origin = `https://localhost:${port}`
-    let handshakes = 0
-    app.server.on('secureConnection', () => { handshakes++ })
-    const agentPool = new Pool(origin, { connect: { ...tls, servername: 'localhost' } })
-    const res = await agentPool.request({ method: 'POST', path: '/v1/token' })
-    const { access_token: token } = await res.body.json() as { access_token: string }
-    await agentPool.close()
-    return { origin, token, close: async () => { console.log(`#   gateway: ${handshakes} TLS handshakes`); await app.close(); await pool.close() } }
-  }
+  // A started target, or the reason it cannot run in this build / on this machine.
+  interface Target { readonly origin: string, readonly pid: number, readonly tls: boolean, readonly note?: string }
+  type Started = Target | { readonly skipped: string }
 
-  interface Row { name: string, results: LoadResult[] }
-  const rows: Row[] = [{ name: 'upstream direct', results: [] }, { name: 'plain mTLS proxy (no auth)', results: [] }, { name: 'gateway: mTLS + registry + Bearer + proxy', results: [] }]
-
-  async function measure (index: number, secs: number): Promise<LoadResult> {
-    if (index === 0) return await load({ origin: upstreamOrigin, path: '/fhir/Patient/bench-0001', headers: {}, connections, seconds: secs })
-    if (index === 1) {
-      const target = await startPlainProxy()
+  async function startGateway (env: Record<string, string>, options: { cpuProf?: string } = {}): Promise<Started> {
+    const port = await freePort()
+    const opsPort = await freePort()
+    const cwd = await mkdtemp(join(work, 'gw-')) // no developer .env is read
+    const nodeArgs = options.cpuProf === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProf}`]
+    const proc = start(process.execPath, [...nodeArgs, join(dist, 'gateway/server.js')], {
+      ...gatewayBaseEnv, GATEWAY_HOST: '127.0.0.1', GATEWAY_PORT: String(port), OPS_HOST: '127.0.0.1', OPS_PORT: String(opsPort), ...env
+    }, { cwd, stdout: 'ignore' })
+    procs.push(proc)
+    for (let i = 0; i < 300; i++) {
+      if (proc.child.exitCode !== null) {
+        const err = proc.stderr()
+        if (/not supported by this release|CONFIG_INVALID/.test(err)) return { skipped: `not available in this build (${err.trim().split('\n').find(l => /not supported/.test(l))?.trim() ?? err.trim().slice(0, 200)})` }
+        throw new Error(`gateway exited: ${err}`)
+      }
       try {
-        return await load({ origin: target.origin, path: '/fhir/Patient/bench-0001', headers: {}, connections, seconds: secs, tls })
-      } finally { await target.close() }
+        const res = await fetch(`http://127.0.0.1:${opsPort}/readyz`)
+        if (res.status === 200) return { origin: `https://127.0.0.1:${port}`, pid: proc.pid, tls: true }
+      } catch {}
+      await sleep(100)
     }
-    const target = await startGatewayTarget()
+    throw new Error(`gateway did not become ready: ${proc.stderr()}`)
+  }
+
+  async function request (origin: string, method: 'GET' | 'POST', path: string, headers: Record<string, string>): Promise<{ status: number, body: string }> {
+    const pool = new Pool(origin, { connect: { ...tls, servername: 'localhost' } })
     try {
-      return await load({ origin: target.origin, path: '/fhir/Patient/bench-0001', headers: { authorization: `Bearer ${target.token}` }, connections, seconds: secs, tls })
-    } finally { await target.close() }
+      const res = await pool.request({ method, path, headers })
+      return { status: res.statusCode, body: await res.body.text() }
+    } finally { await pool.close() }
   }
 
-  const targets = (process.env['BENCH_TARGETS'] ?? 'direct,plain,gateway').split(',')
-  const selected = ['direct', 'plain', 'gateway'].map(name => targets.includes(name))
-  console.log(`# ehr-gateway bench: ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), Node ${process.version}, ${connections} connections, ${bytes} B responses, ${rounds} rounds × ${seconds}s`)
-  for (let i = 0; i < rows.length; i++) if (selected[i] === true) await measure(i, 2) // warm-up
-  for (let r = 0; r < rounds; r++) {
-    for (let i = 0; i < rows.length; i++) {
-      if (selected[i] !== true) continue
-      const result = await measure(i, seconds)
-      rows[i]?.results.push(result)
-      process.stdout.write(`# round ${r + 1} ${rows[i]?.name}: ${(result.requests / result.seconds).toFixed(0)} req/s, ${result.errors} errors\n`)
+  // Each row names what it needs from the build; the probe says whether it is there.
+  const probes = {
+    async dpop (target: Target): Promise<string | undefined> {
+      const signer = new DpopSigner()
+      const res = await request(target.origin, 'POST', '/v1/token', { dpop: signer.proof('POST', `${target.origin}/v1/token`) })
+      const type = res.status === 200 ? (JSON.parse(res.body) as { token_type?: string }).token_type : undefined
+      return type === 'DPoP' ? undefined : `not available in this build (POST /v1/token with a DPoP proof answered ${res.status} token_type ${String(type)})`
+    },
+    async singleUse (target: Target): Promise<string | undefined> {
+      const res = await request(target.origin, 'POST', '/v1/token', {})
+      const token = (JSON.parse(res.body) as { access_token: string }).access_token
+      const first = await request(target.origin, 'GET', PATH, { authorization: `Bearer ${token}` })
+      const second = await request(target.origin, 'GET', PATH, { authorization: `Bearer ${token}` })
+      return first.status === 200 && second.status === 401 ? undefined : `not available in this build (a token's second use answered ${second.status})`
     }
   }
 
-  const summary = rows.filter(row => row.results.length > 0).map(row => {
-    const byRate = [...row.results].sort((a, b) => a.requests / a.seconds - b.requests / b.seconds)
-    const median = byRate[Math.floor(byRate.length / 2)] as LoadResult
-    const sorted = [...median.latenciesMs].sort((a, b) => a - b)
-    return { name: row.name, rps: median.requests / median.seconds, p50: percentile(sorted, 0.5), p99: percentile(sorted, 0.99), errors: row.results.reduce((n, r) => n + r.errors, 0) }
-  })
-  const rate = (name: string): number => summary.find(s => s.name === name)?.rps ?? NaN
-  const direct = rate(rows[0]?.name ?? '')
-  const baseline = rate(rows[1]?.name ?? '')
-  console.log('\n| target | req/s (median) | p50 ms | p99 ms | errors | × plain proxy | × direct |')
-  console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
-  for (const s of summary) {
-    console.log(`| ${s.name} | ${s.rps.toFixed(0)} | ${s.p50.toFixed(2)} | ${s.p99.toFixed(2)} | ${s.errors} | ${(s.rps / baseline).toFixed(2)} | ${(s.rps / direct).toFixed(2)} |`)
+  async function startPlainProxy (): Promise<Started> {
+    const proc = start(process.execPath, [join(dist, 'test/bench/plain-proxy.js')], {
+      PATH: process.env['PATH'], BENCH_CERT: server.certFile, BENCH_KEY: server.keyFile, BENCH_CA: caFile, BENCH_UPSTREAM: upstreamOrigin
+    })
+    procs.push(proc)
+    const { port } = await firstJsonLine<{ port: number }>(proc)
+    return { origin: `https://127.0.0.1:${port}`, pid: proc.pid, tls: true }
   }
-  const gatewayRatio = rate(rows[2]?.name ?? '') / baseline
-  console.log(`\ntarget (issue 6): secured path ≥ 1.0× plain proxy — ${gatewayRatio >= 1 ? 'met' : 'not met'} (${gatewayRatio.toFixed(2)}×)`)
-  const resultsDir = new URL('./results/', import.meta.url).pathname.replace('/dist/test/', '/test/')
-  await mkdir(resultsDir, { recursive: true })
-  await writeFile(join(resultsDir, `bench-${new Date().toISOString().replaceAll(':', '-')}.json`), JSON.stringify({ date: new Date().toISOString(), node: process.version, cores: cpus().length, connections, seconds, rounds, summary }, null, 2))
+
+  function nginxBinary (): string | undefined {
+    for (const dir of (process.env['PATH'] ?? '').split(':').concat(['/usr/sbin', '/usr/local/sbin'])) {
+      if (dir !== '' && existsSync(join(dir, 'nginx'))) return join(dir, 'nginx')
+    }
+    return undefined
+  }
+
+  // nginx as a user would put it in front of the EHR: mutual TLS verified against the same
+  // CA, an upstream keep-alive pool, access log on (buffered). Everything under a temp prefix.
+  async function startNginx (): Promise<Started> {
+    const bin = nginxBinary()
+    if (bin === undefined) return { skipped: 'skipped: no nginx binary on PATH (Debian: apt-get install nginx)' }
+    const dir = await mkdtemp(join(work, 'nginx-'))
+    const port = await freePort()
+    const workers = process.env['BENCH_NGINX_WORKERS'] ?? '1'
+    await writeFile(join(dir, 'nginx.conf'), `
+worker_processes ${workers};
+daemon off;
+master_process on;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log ${dir}/access.log combined buffer=64k flush=1s;
+  client_body_temp_path ${dir}/client_body;
+  proxy_temp_path ${dir}/proxy;
+  fastcgi_temp_path ${dir}/fastcgi;
+  uwsgi_temp_path ${dir}/uwsgi;
+  scgi_temp_path ${dir}/scgi;
+  upstream ehr {
+    server 127.0.0.1:${upstreamPort};
+    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:${port} ssl;
+    ssl_certificate ${server.certFile};
+    ssl_certificate_key ${server.keyFile};
+    ssl_client_certificate ${caFile};
+    ssl_verify_client on;
+    keepalive_requests 1000000;
+    location /fhir/ {
+      proxy_pass http://ehr;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+`)
+    const proc = start(bin, ['-p', dir, '-c', join(dir, 'nginx.conf'), '-e', join(dir, 'error.log')], { PATH: process.env['PATH'] })
+    procs.push(proc)
+    const origin = `https://127.0.0.1:${port}`
+    for (let i = 0; i < 100; i++) {
+      if (proc.child.exitCode !== null) return { skipped: `skipped: nginx did not start (${proc.stderr().trim().slice(0, 200)} ${await readFile(join(dir, 'error.log'), 'utf8').catch(() => '')})` }
+      try {
+        if ((await request(origin, 'GET', PATH, {})).status === 200) return { origin, pid: proc.pid, tls: true, note: `nginx ${workers} worker(s)` }
+      } catch {}
+      await sleep(100)
+    }
+    return { skipped: `skipped: nginx never answered (${proc.stderr().slice(0, 200)})` }
+  }
+
+  // ---------------------------------------------------------------- rows
+  const audited = existsSync(join(dist, 'gateway/audit.js'))
+  interface RowSpec {
+    readonly id: string
+    readonly name: string
+    readonly kind: LoadKind
+    readonly start: () => Promise<Started>
+    readonly probe?: (target: Target) => Promise<string | undefined>
+  }
+  const cpuProf = process.env['BENCH_CPU_PROF']
+  const specs: RowSpec[] = [
+    { id: 'direct', name: 'upstream direct (HTTP, no proxy)', kind: 'get', start: async () => ({ origin: upstreamOrigin, pid: upstream.pid, tls: false }) },
+    { id: 'fastify-proxy', name: '@fastify/http-proxy, mTLS, no auth (baseline)', kind: 'get', start: startPlainProxy },
+    { id: 'nginx', name: 'nginx, mTLS (ssl_verify_client on), keepalive pool', kind: 'get', start: startNginx },
+    {
+      id: 'bearer',
+      name: `gateway Bearer, 1 worker (mTLS + registry + token + proxy${audited ? ' + audit' : ''})`,
+      kind: 'get',
+      start: async () => await startGateway({ GATEWAY_WORKERS: '1' }, cpuProf === undefined ? {} : { cpuProf })
+    },
+    { id: 'dpop', name: 'gateway DPoP (proof + replay check per request)', kind: 'dpop', start: async () => await startGateway({ TOKEN_REQUIRE_DPOP: 'true' }), probe: probes.dpop },
+    { id: 'single-use', name: 'gateway single-use (token + call pairs)', kind: 'single-use', start: async () => await startGateway({ TOKEN_SINGLE_USE: 'true' }), probe: probes.singleUse },
+    { id: 'workers-auto', name: 'gateway Bearer, GATEWAY_WORKERS=auto', kind: 'get', start: async () => await startGateway({ GATEWAY_WORKERS: 'auto' }) }
+  ]
+  const only = process.env['BENCH_ROWS']?.split(',')
+  const header = `# ehr-gateway bench: ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB, Node ${process.version}, ` +
+    `${connections} connections, ${bytes} B responses, ${rounds} rounds × ${seconds}s after ${warmup}s warm-up`
+  const machine = { cores: cpus().length, cpu: cpus()[0]?.model ?? '?', memGiB: Math.round(totalmem() / 2 ** 30), node: process.version }
+
+  if (mode === 'micro') {
+    await runMicro(sql, dist, gatewayBaseEnv.TOKEN_KEY_ENCRYPTION_KEY)
+  } else if (mode === 'soak') {
+    await soak()
+  } else {
+    await table()
+  }
+
+  async function soak (): Promise<void> {
+    const soakSeconds = num('BENCH_SOAK_SECONDS', 600)
+    const rate = num('BENCH_SOAK_RATE', 500)
+    const warm = Math.min(60, Math.max(5, soakSeconds / 10))
+    const target = await startGateway({})
+    if ('skipped' in target) throw new Error(target.skipped)
+    const token = await bearerToken(target.origin)
+    const startRss = rssBytes(target.pid)
+    console.log(`# soak: gateway Bearer at ${rate} req/s fixed rate for ${soakSeconds}s (warm-up ${warm}s), RSS sampled every second`)
+    const job = load({ origin: target.origin, path: PATH, kind: 'get', headers: { authorization: `Bearer ${token}` }, connections, seconds: soakSeconds, rate, tls })
+    let done = false
+    void job.finally(() => { done = true })
+    const t0 = Date.now()
+    let postWarm = 0
+    let peak = startRss
+    let last = startRss
+    while (!done) {
+      await sleep(1000)
+      last = rssBytes(target.pid)
+      peak = Math.max(peak, last)
+      if (postWarm === 0 && Date.now() - t0 >= warm * 1000) postWarm = last
+      if ((Date.now() - t0) % 60_000 < 1000) console.log(`#   ${Math.round((Date.now() - t0) / 1000)}s RSS ${(last / 2 ** 20).toFixed(1)} MiB`)
+    }
+    const result = await job
+    const mib = (b: number): string => (b / 2 ** 20).toFixed(1)
+    const holds = last <= postWarm * 1.1
+    console.log(`\nRSS start ${mib(startRss)} MiB, after warm-up ${mib(postWarm)} MiB, peak ${mib(peak)} MiB, end ${mib(last)} MiB; ${result.requests} requests, ${result.errors} errors`)
+    console.log(`target: soak RSS end within 10% of after-warm-up — ${holds ? 'met' : 'NOT met'} (${((last / postWarm - 1) * 100).toFixed(1)}%)`)
+    await writeResults('soak', { mode: 'soak', seconds: soakSeconds, rate, rssMiB: { start: startRss / 2 ** 20, afterWarmup: postWarm / 2 ** 20, peak: peak / 2 ** 20, end: last / 2 ** 20 }, holds, requests: result.requests, errors: result.errors })
+  }
+
+  async function bearerToken (origin: string, tlsOptions = tls): Promise<string> {
+    const pool = new Pool(origin, { connect: { ...tlsOptions, servername: 'localhost' } })
+    try {
+      const res = await pool.request({ method: 'POST', path: '/v1/token' })
+      const body = await res.body.text()
+      if (res.statusCode !== 200) throw new Error(`POST /v1/token answered ${res.statusCode}: ${body}`)
+      return (JSON.parse(body) as { access_token: string }).access_token
+    } finally { await pool.close() }
+  }
+
+  async function table (): Promise<void> {
+    console.log(header)
+    interface Row { readonly spec: RowSpec, readonly target?: Target, readonly skipped?: string, readonly headers: Record<string, string>, readonly results: Array<LoadResult & { cpu: number }> }
+    const rows: Row[] = []
+    for (const spec of specs) {
+      if (only !== undefined && !only.includes(spec.id)) continue
+      const started = await spec.start()
+      if ('skipped' in started) { rows.push({ spec, skipped: started.skipped, headers: {}, results: [] }); continue }
+      const unavailable = await spec.probe?.(started)
+      if (unavailable !== undefined) { rows.push({ spec, skipped: unavailable, headers: {}, results: [] }); continue }
+      const headers: Record<string, string> = spec.id === 'bearer' || spec.id === 'workers-auto' ? { authorization: `Bearer ${await bearerToken(started.origin)}` } : {}
+      rows.push({ spec, target: started, headers, results: [] })
+    }
+    for (const row of rows) if (row.skipped !== undefined) console.log(`# ${row.spec.id}: ${row.skipped}`)
+    const live = rows.filter(row => row.target !== undefined)
+    const measure = async (row: Row, secs: number): Promise<LoadResult & { cpu: number }> => {
+      const target = row.target as Target
+      const before = cpuSeconds(target.pid)
+      const result = await load({ origin: target.origin, path: PATH, kind: row.spec.kind, headers: row.headers, connections, seconds: secs, ...(target.tls ? { tls } : {}) })
+      return { ...result, cpu: cpuSeconds(target.pid) - before }
+    }
+    for (const row of live) await measure(row, warmup)
+    // Alternating rounds: a slow minute on the shared machine hits every row, not just one.
+    for (let r = 0; r < rounds; r++) {
+      for (const row of live) {
+        const result = await measure(row, seconds)
+        row.results.push(result)
+        console.log(`# round ${r + 1} ${row.spec.id}: ${(result.requests / result.seconds).toFixed(0)} req/s, ${result.errors} errors${result.firstError === undefined ? '' : ` (first: ${result.firstError.slice(0, 160)})`}`)
+      }
+    }
+
+    const summary = live.map(row => {
+      const byRate = [...row.results].sort((a, b) => a.requests / a.seconds - b.requests / b.seconds)
+      const median = byRate[Math.floor(byRate.length / 2)] as LoadResult & { cpu: number }
+      const h = hdr.decodeFromCompressedBase64(median.histogram)
+      const cpuPer1k = row.results.map(r => r.cpu / r.requests * 1000).sort((a, b) => a - b)[Math.floor(row.results.length / 2)] as number
+      return {
+        id: row.spec.id,
+        name: row.spec.name,
+        rps: median.requests / median.seconds,
+        p50: ms(h, 50),
+        p99: ms(h, 99),
+        cpuPer1k,
+        errors: row.results.reduce((n, r) => n + r.errors, 0),
+        rounds: row.results.map(r => Math.round(r.requests / r.seconds)),
+        ...(row.target?.note === undefined ? {} : { note: row.target.note })
+      }
+    })
+    const rate = (id: string): number => summary.find(s => s.id === id)?.rps ?? NaN
+    const baseline = rate('fastify-proxy')
+    const nginx = rate('nginx')
+    const ratio = (x: number, of: number): string => Number.isNaN(x / of) ? '–' : `${(x / of).toFixed(2)}×`
+    console.log('\n| row | req/s (median) | p50 ms | p99 ms | × @fastify/http-proxy | × nginx | CPU s / 1k req | errors |')
+    console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+    for (const s of summary) {
+      console.log(`| ${s.name} | ${s.rps.toFixed(0)} | ${s.p50.toFixed(2)} | ${s.p99.toFixed(2)} | ${ratio(s.rps, baseline)} | ${ratio(s.rps, nginx)} | ${s.cpuPer1k.toFixed(3)} | ${s.errors} |`)
+    }
+    for (const row of rows) if (row.skipped !== undefined) console.log(`| ${row.spec.name} | ${row.skipped} | | | | | | |`)
+    if (rate('single-use') > 0) console.log('(single-use: one sample is a POST /v1/token + GET pair)')
+
+    // Extras on the Bearer gateway.
+    const bearer = live.find(row => row.spec.id === 'bearer')?.target
+    const extras: Record<string, unknown> = {}
+    if (bearer !== undefined) {
+      const issued = await load({ origin: bearer.origin, path: '/v1/token', kind: 'token', headers: {}, connections, seconds, tls })
+      extras['tokensPerSecond'] = issued.requests / issued.seconds
+      console.log(`\ntoken issuance (POST /v1/token, ${connections} connections): ${(issued.requests / issued.seconds).toFixed(0)} tokens/s, ${issued.errors} errors`)
+
+      const fixed = async (origin: string, headers: Record<string, string>, withTls: boolean): Promise<hdr.Histogram> => {
+        const res = await load({ origin, path: PATH, kind: 'get', headers, connections, seconds: fixedSeconds, rate: fixedRate, ...(withTls ? { tls } : {}) })
+        return hdr.decodeFromCompressedBase64(res.histogram)
+      }
+      const token = await bearerToken(bearer.origin)
+      await fixed(bearer.origin, { authorization: `Bearer ${token}` }, true) // warm
+      const direct = await fixed(upstreamOrigin, {}, false)
+      const gw = await fixed(bearer.origin, { authorization: `Bearer ${token}` }, true)
+      const added = { p50: ms(gw, 50) - ms(direct, 50), p99: ms(gw, 99) - ms(direct, 99) }
+      extras['fixedRate'] = { rate: fixedRate, seconds: fixedSeconds, direct: { p50: ms(direct, 50), p99: ms(direct, 99) }, gateway: { p50: ms(gw, 50), p99: ms(gw, 99) }, added }
+      console.log(`fixed rate ${fixedRate} req/s for ${fixedSeconds}s (latency from intended send time): direct p50 ${ms(direct, 50).toFixed(2)} / p99 ${ms(direct, 99).toFixed(2)} ms; gateway p50 ${ms(gw, 50).toFixed(2)} / p99 ${ms(gw, 99).toFixed(2)} ms; added p50 ${added.p50.toFixed(2)} / p99 ${added.p99.toFixed(2)} ms`)
+
+      extras['revocation'] = await revocation()
+    }
+
+    // Targets (issue 6).
+    const targets: Array<{ target: string, figure: string, holds: boolean | null }> = []
+    const add = (target: string, value: number, figure: string, holds: boolean): void => { targets.push(Number.isNaN(value) ? { target, figure: 'not measured in this run', holds: null } : { target, figure, holds }) }
+    const b = rate('bearer') / baseline
+    add('full secured path (Bearer) ≥ 1.0× @fastify/http-proxy', b, `${b.toFixed(2)}×`, b >= 1)
+    const d = rate('dpop') / baseline
+    add('DPoP ≥ 0.7× @fastify/http-proxy', d, `${d.toFixed(2)}×`, d >= 0.7)
+    const n = rate('bearer') / nginx
+    add('against nginx mTLS: aim ≥ 0.5×', n, `${n.toFixed(2)}×`, n >= 0.5)
+    const f = (extras['fixedRate'] as { added: { p99: number } } | undefined)?.added.p99 ?? NaN
+    add(`added latency at ${fixedRate} req/s over direct: p99 ≤ 2 ms`, f, `${f.toFixed(2)} ms`, f <= 2)
+    const rv = (extras['revocation'] as { maxMs: number } | undefined)?.maxMs ?? NaN
+    add('revocation on a second instance: max ≤ 1 s', rv, `${rv.toFixed(0)} ms`, rv <= 1000)
+    targets.push({ target: 'soak RSS end within 10% of after-warm-up', figure: 'separate mode: npm run bench -- --soak', holds: null })
+    console.log('\ntargets (issue 6):')
+    for (const t of targets) console.log(`  ${t.holds === null ? '–' : t.holds ? 'met    ' : 'NOT met'}  ${t.target}: ${t.figure}`)
+
+    // The pre-audit figure, for builds where audit cannot be switched off.
+    const previous = await readFile(join(resultsDir, 'latest.json'), 'utf8').then(text => JSON.parse(text) as { audit?: boolean, summary?: Array<{ id: string, rps: number }>, baselineRps?: number }).catch(() => undefined)
+    if (audited && previous?.audit === false) {
+      const before = previous.summary?.find(s => s.id === 'bearer')
+      const beforeBase = previous.summary?.find(s => s.id === 'fastify-proxy')
+      if (before !== undefined && beforeBase !== undefined) {
+        console.log(`audit on/off: audit cannot be switched off in this build; Bearer with audit ${b.toFixed(2)}× the baseline vs ${(before.rps / beforeBase.rps).toFixed(2)}× in the previous, pre-audit results (latest.json)`)
+      }
+    } else if (!audited) {
+      console.log('audit on/off: not available in this build (no gateway/audit module); the Bearer row is the pre-audit figure')
+    }
+
+    if (mode === 'table' && !args.has('--no-micro')) {
+      console.log('')
+      await runMicro(sql, dist, gatewayBaseEnv.TOKEN_KEY_ENCRYPTION_KEY)
+    }
+    await writeResults('table', { audit: audited, connections, seconds, rounds, warmup, responseBytes: bytes, summary, skipped: rows.filter(r => r.skipped !== undefined).map(r => ({ id: r.spec.id, reason: r.skipped })), extras, targets })
+  }
+
+  // Revocation reaching a second instance: two gateway processes on one database; a
+  // machine is revoked in the shared repository (what `ehrctl machine revoke` does) and the
+  // second instance, which has the machine cached, is polled until it answers 403.
+  async function revocation (): Promise<{ count: number, medianMs: number, maxMs: number }> {
+    const second = await startGateway({})
+    if ('skipped' in second) throw new Error(second.skipped)
+    const times: number[] = []
+    for (let i = 0; i < revocations; i++) {
+      const name = `ws-revoke-${String(i).padStart(2, '0')}`
+      const pair = await ca.issueClient({ commonName: name })
+      await repo.add(machineRecord(name, describeCertificate(new X509Certificate(pair.cert)), null))
+      const pool = new Pool(second.origin, { connections: 1, connect: { ca: ca.cert, cert: pair.cert, key: pair.key, servername: 'localhost' } })
+      try {
+        const tokenRes = await pool.request({ method: 'POST', path: '/v1/token' })
+        const { access_token: token } = await tokenRes.body.json() as { access_token: string }
+        const get = async (): Promise<number> => {
+          const res = await pool.request({ method: 'GET', path: PATH, headers: { authorization: `Bearer ${token}` } })
+          await res.body.dump()
+          return res.statusCode
+        }
+        if (await get() !== 200) throw new Error('the second instance refused a registered machine')
+        const t0 = performance.now()
+        await repo.revoke(name, 'bench')
+        while (await get() !== 403) {
+          if (performance.now() - t0 > 10_000) throw new Error('revocation did not reach the second instance within 10 s')
+          await sleep(2)
+        }
+        times.push(performance.now() - t0)
+      } finally { await pool.close() }
+    }
+    times.sort((a, b) => a - b)
+    const result = { count: times.length, medianMs: times[Math.floor(times.length / 2)] as number, maxMs: times[times.length - 1] as number }
+    console.log(`revocation → 403 on a second instance over ${result.count} revocations: median ${result.medianMs.toFixed(1)} ms, max ${result.maxMs.toFixed(1)} ms`)
+    return result
+  }
+
+  async function writeResults (kind: string, data: Record<string, unknown>): Promise<void> {
+    await mkdir(resultsDir, { recursive: true })
+    const json = JSON.stringify({ date: new Date().toISOString(), machine, ...data }, null, 2) + '\n'
+    await writeFile(join(resultsDir, `bench-${kind}-${new Date().toISOString().replaceAll(':', '-')}.json`), json)
+    await writeFile(join(resultsDir, kind === 'table' ? 'latest.json' : `latest-${kind}.json`), json)
+    console.log(`\nresults: ${join(resultsDir, kind === 'table' ? 'latest.json' : `latest-${kind}.json`)}`)
+  }
 } finally {
-  upstreamWorker.postMessage('stop')
-  await upstreamWorker.terminate()
+  for (const proc of procs.reverse()) await proc.stop()
   await sql.end({ timeout: 1 })
   await admin.unsafe(`drop database if exists ${dbName} with (force)`)
   await admin.end({ timeout: 1 })

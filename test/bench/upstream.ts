@@ -1,8 +1,8 @@
-// The stand-in EHR for benchmarks, in its own thread so it does not share the gateway's
-// event loop: a fixed ~1.5 KB FHIR Patient over keep-alive HTTP.
+// The stand-in EHR for benchmarks, as its own process so it shares neither an event loop
+// nor a CPU account with what is measured: a fixed ~1.5 KB FHIR Patient over keep-alive
+// HTTP. Prints `{"port":…,"bytes":…}` on stdout once listening.
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { parentPort } from 'node:worker_threads'
 
 const patient = Buffer.from(JSON.stringify({
   resourceType: 'Patient',
@@ -26,6 +26,6 @@ const server = createServer((req, res) => {
 })
 server.keepAliveTimeout = 60_000
 server.listen(0, '127.0.0.1', () => {
-  parentPort?.postMessage({ port: (server.address() as AddressInfo).port, bytes: patient.length })
+  process.stdout.write(JSON.stringify({ port: (server.address() as AddressInfo).port, bytes: patient.length }) + '\n')
 })
-parentPort?.on('message', () => { server.closeAllConnections(); server.close() })
+process.once('SIGTERM', () => { server.closeAllConnections(); server.close() })
