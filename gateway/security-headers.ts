@@ -19,9 +19,10 @@ export const HELMET_OPTIONS = {
   xXssProtection: false
 } satisfies Parameters<typeof helmet>[0]
 
-// The same headers as a plain object, computed once. @fastify/helmet sets them on every
-// response that reaches a route; the few answers Fastify gives before routing (undecodable
-// URLs, malformed HTTP) use this object, so the two cannot drift apart.
+// The same headers as a plain object, computed by running helmet once. @fastify/helmet would
+// rebuild helmet's middleware chain for every request (~13% of the proxied request's CPU in
+// the bench profile) to set these same constant values; the gateway sets this object itself
+// on every answer, routed or not, so what clients get is byte-identical and cannot drift.
 export function helmetHeaders (): Readonly<Record<string, string>> {
   const headers: Record<string, string> = {}
   const res = {
@@ -31,3 +32,6 @@ export function helmetHeaders (): Readonly<Record<string, string>> {
   helmet(HELMET_OPTIONS)({} as IncomingMessage, res as unknown as ServerResponse, () => {})
   return Object.freeze(headers)
 }
+
+export const SECURITY_HEADERS = helmetHeaders()
+export const SECURITY_HEADER_NAMES: ReadonlySet<string> = new Set(Object.keys(SECURITY_HEADERS))

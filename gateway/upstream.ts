@@ -40,12 +40,23 @@ const RESPONSE_DROP = new Set([
   'x-cloud-trace-context', 'x-envoy-upstream-service-time'
 ])
 
-const dropped = (name: string): boolean =>
-  REQUEST_DROP.has(name) || REQUEST_DROP_PREFIXES.some(prefix => name.startsWith(prefix))
+function dropped (name: string): boolean {
+  if (REQUEST_DROP.has(name)) return true
+  for (const prefix of REQUEST_DROP_PREFIXES) if (name.startsWith(prefix)) return true
+  return false
+}
 
 // Header names a `Connection` header lists are hop-by-hop for this message too (§7.6.1).
-function connectionListed (value: string | string[] | undefined): Set<string> | undefined {
+// Nearly every message says just `keep-alive` (dropped anyway) or `close`: those need no
+// set built per message.
+const LISTS_CLOSE: ReadonlySet<string> = new Set(['close'])
+function connectionListed (value: string | string[] | undefined): ReadonlySet<string> | undefined {
   if (value === undefined) return undefined
+  if (typeof value === 'string' && value.length <= 10) {
+    const lower = value.toLowerCase()
+    if (lower === 'keep-alive') return undefined
+    if (lower === 'close') return LISTS_CLOSE
+  }
   const names = (Array.isArray(value) ? value.join(',') : value).split(',')
   return new Set(names.map(n => n.trim().toLowerCase()).filter(n => n !== ''))
 }
@@ -120,15 +131,18 @@ export function upstreamPath (rawUrl: string, prefix: string, basePath: string):
       if (i === segments.length - 1) continue // a trailing slash is harmless
       return undefined
     }
-    let decoded: string
-    try {
-      decoded = decodeURIComponent(segment)
-    } catch {
-      return undefined
+    let decoded = segment
+    if (segment.includes('%')) {
+      try {
+        decoded = decodeURIComponent(segment)
+      } catch {
+        return undefined
+      }
     }
     // Servlet containers (Tomcat, Jetty: where HAPI FHIR runs) drop `;params` before
     // resolving dot segments, so `..;x` is `..` to them.
-    const bare = decoded.split(';')[0]
+    const semicolon = decoded.indexOf(';')
+    const bare = semicolon === -1 ? decoded : decoded.slice(0, semicolon)
     if (bare === '.' || bare === '..' || /[/\\\u0000-\u001f\u007f]/.test(decoded)) return undefined
   }
   const path = basePath.replace(/\/+$/, '') + rest

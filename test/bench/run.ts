@@ -368,7 +368,8 @@ http {
     // Extras on the Bearer gateway.
     const bearer = live.find(row => row.spec.id === 'bearer')?.target
     const extras: Record<string, unknown> = {}
-    if (bearer !== undefined) {
+    // A profiling run (BENCH_CPU_PROF) profiles the table's load only.
+    if (bearer !== undefined && cpuProf === undefined) {
       const issued = await load({ origin: bearer.origin, path: '/v1/token', kind: 'token', headers: {}, connections, seconds, tls })
       extras['tokensPerSecond'] = issued.requests / issued.seconds
       console.log(`\ntoken issuance (POST /v1/token, ${connections} connections): ${(issued.requests / issued.seconds).toFixed(0)} tokens/s, ${issued.errors} errors`)
@@ -417,7 +418,7 @@ http {
       console.log('audit on/off: not available in this build (no gateway/audit module); the Bearer row is the pre-audit figure')
     }
 
-    if (mode === 'table' && !args.has('--no-micro')) {
+    if (!args.has('--no-micro') && cpuProf === undefined) {
       console.log('')
       await runMicro(sql, dist, gatewayBaseEnv.TOKEN_KEY_ENCRYPTION_KEY)
     }
