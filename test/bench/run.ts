@@ -8,7 +8,8 @@
 //   BENCH_CONNECTIONS (50), BENCH_ROWS (comma list of row ids, default all),
 //   BENCH_FIXED_RATE (1000) and BENCH_FIXED_SECONDS (10), BENCH_REVOCATIONS (20),
 //   BENCH_NGINX_WORKERS (1), BENCH_SOAK_RATE (500), BENCH_CPU_PROF (dir: the Bearer gateway
-//   runs under `node --cpu-prof` and writes its profile there), DATABASE_URL (else embedded).
+//   runs under `node --cpu-prof` and writes its profile there), BENCH_REF_DIST (another build's
+//   dist/ as an extra Bearer row, for A/B under the same noise), DATABASE_URL (else embedded).
 import { randomBytes, X509Certificate } from 'node:crypto'
 import { existsSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
@@ -107,12 +108,12 @@ try {
   interface Target { readonly origin: string, readonly pid: number, readonly tls: boolean, readonly note?: string }
   type Started = Target | { readonly skipped: string }
 
-  async function startGateway (env: Record<string, string>, options: { cpuProf?: string } = {}): Promise<Started> {
+  async function startGateway (env: Record<string, string>, options: { cpuProf?: string, dist?: string } = {}): Promise<Started> {
     const port = await freePort()
     const opsPort = await freePort()
     const cwd = await mkdtemp(join(work, 'gw-')) // no developer .env is read
     const nodeArgs = options.cpuProf === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProf}`]
-    const proc = start(process.execPath, [...nodeArgs, join(dist, 'gateway/server.js')], {
+    const proc = start(process.execPath, [...nodeArgs, join(options.dist ?? dist, 'gateway/server.js')], {
       ...gatewayBaseEnv, GATEWAY_HOST: '127.0.0.1', GATEWAY_PORT: String(port), OPS_HOST: '127.0.0.1', OPS_PORT: String(opsPort), ...env
     }, { cwd, stdout: 'ignore' })
     procs.push(proc)
@@ -237,6 +238,7 @@ http {
     readonly probe?: (target: Target) => Promise<string | undefined>
   }
   const cpuProf = process.env['BENCH_CPU_PROF']
+  const refDist = process.env['BENCH_REF_DIST']
   const specs: RowSpec[] = [
     { id: 'direct', name: 'upstream direct (HTTP, no proxy)', kind: 'get', start: async () => ({ origin: upstreamOrigin, pid: upstream.pid, tls: false }) },
     { id: 'fastify-proxy', name: '@fastify/http-proxy, mTLS, no auth (baseline)', kind: 'get', start: startPlainProxy },
@@ -247,6 +249,8 @@ http {
       kind: 'get',
       start: async () => await startGateway({ GATEWAY_WORKERS: '1' }, cpuProf === undefined ? {} : { cpuProf })
     },
+    // BENCH_REF_DIST: another build's dist/ (e.g. main's) as an A/B row in the same run.
+    ...(refDist === undefined ? [] : [{ id: 'bearer-ref', name: `gateway Bearer, reference build (${refDist})`, kind: 'get' as const, start: async () => await startGateway({}, { dist: refDist }) }]),
     { id: 'dpop', name: 'gateway DPoP (proof + replay check per request)', kind: 'dpop', start: async () => await startGateway({ TOKEN_REQUIRE_DPOP: 'true' }), probe: probes.dpop },
     { id: 'single-use', name: 'gateway single-use (token + call pairs)', kind: 'single-use', start: async () => await startGateway({ TOKEN_SINGLE_USE: 'true' }), probe: probes.singleUse },
     { id: 'workers-auto', name: 'gateway Bearer, GATEWAY_WORKERS=auto', kind: 'get', start: async () => await startGateway({ GATEWAY_WORKERS: 'auto' }) }
@@ -315,7 +319,7 @@ http {
       if ('skipped' in started) { rows.push({ spec, skipped: started.skipped, headers: {}, results: [] }); continue }
       const unavailable = await spec.probe?.(started)
       if (unavailable !== undefined) { rows.push({ spec, skipped: unavailable, headers: {}, results: [] }); continue }
-      const headers: Record<string, string> = spec.id === 'bearer' || spec.id === 'workers-auto' ? { authorization: `Bearer ${await bearerToken(started.origin)}` } : {}
+      const headers: Record<string, string> = spec.id === 'bearer' || spec.id === 'bearer-ref' || spec.id === 'workers-auto' ? { authorization: `Bearer ${await bearerToken(started.origin)}` } : {}
       rows.push({ spec, target: started, headers, results: [] })
     }
     for (const row of rows) if (row.skipped !== undefined) console.log(`# ${row.spec.id}: ${row.skipped}`)
