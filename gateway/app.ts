@@ -1,6 +1,5 @@
 import { randomUUID } from 'node:crypto'
 import { STATUS_CODES } from 'node:http'
-import type { Writable } from 'node:stream'
 import cors from '@fastify/cors'
 import rateLimit from '@fastify/rate-limit'
 import Fastify, { LogController } from 'fastify'
@@ -37,7 +36,8 @@ export interface GatewayDeps {
   readonly upstream: UpstreamDispatcher
   // Milliseconds since the epoch; tests move time instead of waiting for it.
   readonly clock?: () => number
-  readonly logStream?: Writable
+  // Where pino writes (stdout when absent); anything with pino's DestinationStream shape.
+  readonly logStream?: { write (line: string): unknown }
   readonly tls?: GatewayTlsOptions
 }
 

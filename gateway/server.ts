@@ -8,6 +8,7 @@ import { devKeyEncryptionKey } from '../shared/dev-secrets.js'
 import { GatewayError } from '../shared/errors.js'
 import { buildGateway } from './app.js'
 import type { FastifyInstance } from 'fastify'
+import { BatchedLog } from './log-destination.js'
 import { buildOps } from './ops.js'
 import { createUpstreamPool } from './upstream.js'
 
@@ -42,7 +43,9 @@ async function main (): Promise<void> {
     await assertSchemaCurrent(db.sql)
     const pool = createUpstreamPool(config)
     closers.push(['upstream pool', async () => { await pool.close() }])
-    app = await buildGateway(config, { sql: db.sql, upstream: pool })
+    const logStream = new BatchedLog(process.stdout)
+    process.once('exit', () => { logStream.flush() })
+    app = await buildGateway(config, { sql: db.sql, upstream: pool, logStream })
     const gateway = app
     closers.push(['gateway', async () => { await gateway.close() }])
     const ops = buildOps(gateway.gateway, db.sql)
