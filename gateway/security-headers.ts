@@ -5,8 +5,6 @@ import helmet from 'helmet'
 // "Security headers"): a CSP that allows nothing, no framing, no referrer, HSTS; the
 // headers that only matter to HTML documents in old browsers are left out, which also
 // keeps every response ~400 bytes lighter.
-// Left to inference: @fastify/helmet sees helmet's CommonJS typings, this file its ESM ones,
-// and TypeScript treats the two HelmetOptions as unrelated types.
 export const HELMET_OPTIONS = {
   contentSecurityPolicy: { useDefaults: false, directives: { defaultSrc: ["'none'"], frameAncestors: ["'none'"] } },
   xFrameOptions: { action: 'deny' },

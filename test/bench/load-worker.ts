@@ -23,6 +23,8 @@ export interface LoadJob {
   // requests per second for a fixed-rate run; closed loop when absent
   readonly rate?: number
   readonly tls?: { ca: string, cert: string, key: string }
+  // the origin DPoP proofs name in htu (RFC 9449 §4.2), when not `origin`
+  readonly htuBase?: string
 }
 
 export interface LoadResult {
@@ -40,6 +42,7 @@ const pool = new Pool(job.origin, {
   ...(job.tls === undefined ? {} : { connect: { ...job.tls, servername: 'localhost' } })
 })
 const histogram = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000, numberOfSignificantValueDigits: 3 })
+const htuBase = job.htuBase ?? job.origin
 const signer = job.kind === 'dpop' || job.kind === 'single-use' ? new DpopSigner() : undefined
 let firstError: string | undefined
 let errors = 0
@@ -55,7 +58,7 @@ async function call (method: 'GET' | 'POST', path: string, headers: Record<strin
 }
 
 async function fetchToken (dpop: boolean): Promise<string> {
-  const headers: Record<string, string> = dpop && signer !== undefined ? { dpop: signer.proof('POST', `${job.origin}/v1/token`) } : {}
+  const headers: Record<string, string> = dpop && signer !== undefined ? { dpop: signer.proof('POST', `${htuBase}/v1/token`) } : {}
   const res = await call('POST', '/v1/token', headers)
   if (res.status !== 200) throw new Error(`POST /v1/token: ${res.status} ${res.body.slice(0, 300)}`)
   return (JSON.parse(res.body) as { access_token: string }).access_token
@@ -72,7 +75,7 @@ async function once (): Promise<void> {
     const token = await fetchToken(false)
     res = await call('GET', job.path, { ...job.headers, authorization: `Bearer ${token}` })
   } else if (job.kind === 'dpop' && signer !== undefined && dpopToken !== undefined) {
-    res = await call('GET', job.path, { ...job.headers, authorization: `DPoP ${dpopToken}`, dpop: signer.proof('GET', job.origin + job.path, dpopToken) })
+    res = await call('GET', job.path, { ...job.headers, authorization: `DPoP ${dpopToken}`, dpop: signer.proof('GET', htuBase + job.path, dpopToken) })
   } else {
     res = await call('GET', job.path, job.headers)
   }

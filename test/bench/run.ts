@@ -141,19 +141,27 @@ try {
   }
 
   // Each row names what it needs from the build; the probe says whether it is there.
+  const dpopHtuBase = new Map<string, string>()
   const probes = {
+    // The proof's htu is tried as the URL we connect to, then under TOKEN_ISSUER's origin (a
+    // gateway may judge htu against its configured public URL rather than the Host header).
     async dpop (target: Target): Promise<string | undefined> {
       const signer = new DpopSigner()
-      const res = await request(target.origin, 'POST', '/v1/token', { dpop: signer.proof('POST', `${target.origin}/v1/token`) })
-      const type = res.status === 200 ? (JSON.parse(res.body) as { token_type?: string }).token_type : undefined
-      return type === 'DPoP' ? undefined : `not available in this build (POST /v1/token with a DPoP proof answered ${res.status} token_type ${String(type)})`
+      let answer = ''
+      for (const base of [target.origin, new URL(gatewayBaseEnv.TOKEN_ISSUER).origin]) {
+        const res = await request(target.origin, 'POST', '/v1/token', { dpop: signer.proof('POST', `${base}/v1/token`) })
+        const type = res.status === 200 ? (JSON.parse(res.body) as { token_type?: string }).token_type : undefined
+        if (type === 'DPoP') { dpopHtuBase.set(target.origin, base); return undefined }
+        answer = `${res.status} token_type ${String(type)} ${res.status === 200 ? '' : res.body.slice(0, 160)}`
+      }
+      return `not available in this build (POST /v1/token with a DPoP proof answered ${answer.trim()})`
     },
     async singleUse (target: Target): Promise<string | undefined> {
       const res = await request(target.origin, 'POST', '/v1/token', {})
       const token = (JSON.parse(res.body) as { access_token: string }).access_token
       const first = await request(target.origin, 'GET', PATH, { authorization: `Bearer ${token}` })
       const second = await request(target.origin, 'GET', PATH, { authorization: `Bearer ${token}` })
-      return first.status === 200 && second.status === 401 ? undefined : `not available in this build (a token's second use answered ${second.status})`
+      return first.status === 200 && (second.status === 401 || second.status === 403) ? undefined : `not available in this build (a token's second use answered ${second.status})`
     }
   }
 
@@ -327,7 +335,8 @@ http {
     const measure = async (row: Row, secs: number): Promise<LoadResult & { cpu: number }> => {
       const target = row.target as Target
       const before = cpuSeconds(target.pid)
-      const result = await load({ origin: target.origin, path: PATH, kind: row.spec.kind, headers: row.headers, connections, seconds: secs, ...(target.tls ? { tls } : {}) })
+      const htuBase = dpopHtuBase.get(target.origin)
+      const result = await load({ origin: target.origin, path: PATH, kind: row.spec.kind, headers: row.headers, connections, seconds: secs, ...(target.tls ? { tls } : {}), ...(htuBase === undefined ? {} : { htuBase }) })
       return { ...result, cpu: cpuSeconds(target.pid) - before }
     }
     for (const row of live) await measure(row, warmup)
