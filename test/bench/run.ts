@@ -60,7 +60,14 @@ const sleep = async (msecs: number): Promise<void> => { await new Promise(resolv
 const work = await mkdtemp(join(tmpdir(), 'ehrgw-bench-'))
 const procs: Proc[] = []
 let adminUrl = process.env['DATABASE_URL']
-const embedded = adminUrl === undefined ? await startEmbeddedPostgres({ dir: join(work, 'pg'), database: 'postgres' }) : undefined
+// Its own temp dir, as the embedded test does: run as root, Postgres runs as another user
+// that must reach its directory, and `work` (keys inside) stays 0700.
+const pgDir = adminUrl === undefined ? await mkdtemp(join(tmpdir(), 'ehrgw-bench-pg-')) : undefined
+const embedded = pgDir === undefined ? undefined : await startEmbeddedPostgres({ dir: pgDir, database: 'postgres' }).catch(async (err: unknown) => {
+  await rm(work, { recursive: true, force: true })
+  await rm(pgDir, { recursive: true, force: true })
+  throw err
+})
 adminUrl ??= embedded?.url as string
 const dbName = `ehrgw_bench_${randomBytes(4).toString('hex')}`
 const admin = postgres(adminUrl, { max: 1, onnotice: () => {} })
@@ -488,4 +495,5 @@ http {
   await admin.end({ timeout: 1 })
   await embedded?.stop()
   await rm(work, { recursive: true, force: true })
+  if (pgDir !== undefined) await rm(pgDir, { recursive: true, force: true })
 }
