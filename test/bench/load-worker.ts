@@ -16,7 +16,7 @@ export type LoadKind = 'get' | 'dpop' | 'single-use' | 'token'
 export interface LoadJob {
   readonly origin: string
   readonly path: string
-  readonly kind: LoadKind
+  readonly kind?: LoadKind // 'get' when absent
   readonly headers: Record<string, string>
   readonly connections: number
   readonly seconds: number
@@ -33,6 +33,8 @@ export interface LoadResult {
   readonly seconds: number
   readonly histogram: string // hdr-histogram-js compressed base64, µs
   readonly firstError?: string
+  // every latency in ms, for in-process harnesses that compute their own percentiles
+  readonly latenciesMs: number[]
 }
 
 const job = workerData as LoadJob
@@ -45,6 +47,7 @@ const histogram = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 
 const htuBase = job.htuBase ?? job.origin
 const signer = job.kind === 'dpop' || job.kind === 'single-use' ? new DpopSigner() : undefined
 let firstError: string | undefined
+const latencies: number[] = []
 let errors = 0
 let requests = 0
 
@@ -86,7 +89,9 @@ async function sample (t0: number): Promise<void> {
   try {
     await once()
     requests++
-    histogram.recordValue(Math.max(1, Math.round((performance.now() - t0) * 1000)))
+    const elapsed = performance.now() - t0
+    histogram.recordValue(Math.max(1, Math.round(elapsed * 1000)))
+    latencies.push(elapsed)
   } catch (err) {
     errors++
     firstError ??= err instanceof Error ? err.message : String(err)
@@ -115,5 +120,5 @@ if (job.rate === undefined) {
 }
 const seconds = (performance.now() - started) / 1000
 await pool.close()
-const result: LoadResult = { requests, errors, seconds, histogram: hdr.encodeIntoCompressedBase64(histogram), ...(firstError === undefined ? {} : { firstError }) }
+const result: LoadResult = { requests, errors, seconds, histogram: hdr.encodeIntoCompressedBase64(histogram), latenciesMs: latencies, ...(firstError === undefined ? {} : { firstError }) }
 parentPort?.postMessage(result)

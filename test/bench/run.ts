@@ -431,7 +431,9 @@ http {
     if (audited && previous?.audit === false) {
       const before = previous.summary?.find(s => s.id === 'bearer')
       const beforeBase = previous.summary?.find(s => s.id === 'fastify-proxy')
-      if (before !== undefined && beforeBase !== undefined) {
+      if (Number.isNaN(b)) {
+        console.log('audit on/off: audit cannot be switched off in this build; include the bearer and fastify-proxy rows to compare with the pre-audit results (latest.json)')
+      } else if (before !== undefined && beforeBase !== undefined) {
         console.log(`audit on/off: audit cannot be switched off in this build; Bearer with audit ${b.toFixed(2)}× the baseline vs ${(before.rps / beforeBase.rps).toFixed(2)}× in the previous, pre-audit results (latest.json)`)
       }
     } else if (!audited) {
