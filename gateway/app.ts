@@ -12,11 +12,14 @@ import { parseCaBundle } from '../shared/certificates.js'
 import { GatewayError, errorSpecs, toProblem } from '../shared/errors.js'
 import { createUpstreamCredentials } from '../shared/upstream-auth.js'
 import type { ErrorCode } from '../shared/errors.js'
+import { auditRepository } from '../shared/db/audit.js'
+import { AuditTrail, registerAudit } from './audit.js'
+import type { AuditSink } from './audit.js'
 import { corsDelegator } from './cors.js'
 import { DpopNonces } from './dpop.js'
 import { rateLimitKey, resolveForwardedPeer } from './identity.js'
 import { createMetrics } from './metrics.js'
-import type { Metrics } from './metrics.js'
+import type { Metrics, MetricSources } from './metrics.js'
 import { Possession } from './possession.js'
 import { MachineRegistry } from './registry.js'
 import { ReplayStore } from './replay.js'
@@ -39,6 +42,9 @@ export interface GatewayDeps {
   // Where pino writes (stdout when absent); anything with pino's DestinationStream shape.
   readonly logStream?: { write (line: string): unknown }
   readonly tls?: GatewayTlsOptions
+  // The gateway writes its own audit trail to `sql`; only a benchmark measuring what that
+  // costs passes another sink (there is no setting that turns auditing off).
+  readonly audit?: AuditSink
 }
 
 export interface GatewayParts {
@@ -48,6 +54,7 @@ export interface GatewayParts {
   readonly possession: Possession
   readonly replay: ReplayStore
   readonly metrics: Metrics
+  readonly audit: AuditSink
 }
 
 declare module 'fastify' {
@@ -159,7 +166,9 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     }
   })
 
-  const metrics = createMetrics()
+  const metricSources: MetricSources = {}
+  const metrics = createMetrics(metricSources)
+  metricSources.upstreamPool = () => deps.upstream.stats
   const registry = new MachineRegistry(deps.sql, { ttlMs: config.registry.cacheTtlMs, now: clock })
   const keys = new SigningKeys(deps.sql, {
     kek: keyEncryptionKeyBytes(config.tokens.keyEncryptionKey),
@@ -185,12 +194,25 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     await app.close()
     throw err
   }
-  app.addHook('onClose', stopListening)
+  const trail = deps.audit === undefined
+    ? new AuditTrail(auditRepository(deps.sql).insertBatch, { ...config.audit, log: app.log, metrics })
+    : undefined
+  const audit = deps.audit ?? trail as AuditTrail
+  if (trail !== undefined) {
+    trail.start()
+    metricSources.auditDepth = () => trail.depth
+  }
+  // onClose runs once the listener has drained, so every answered request is in the buffer;
+  // server.ts closes the database only after this.
+  app.addHook('onClose', async () => {
+    await trail?.close()
+    await stopListening()
+  })
   replay.startCleanup()
   const kek = keyEncryptionKeyBytes(config.tokens.keyEncryptionKey)
   const tokens = new TokenService(keys, config.tokens, clock, tokenEncryptionKey(kek))
   const possession = new Possession(config, replay, config.dpop.nonce ? new DpopNonces(kek, clock) : undefined, clock)
-  app.decorate('gateway', { registry, keys, tokens, possession, replay, metrics })
+  app.decorate('gateway', { registry, keys, tokens, possession, replay, metrics, audit })
   app.decorateRequest('machine', null)
   app.decorateRequest('certThumbprint', null)
   app.decorateRequest('tokenId', null)
@@ -282,13 +304,14 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     errorResponseBuilder: (_request, context) => new GatewayError('RATE_LIMITED', [Math.ceil(context.ttl / 1000)])
   })
 
+  const auditHooks = registerAudit(app, audit, { proxyPrefix: config.upstream.proxyPrefix, clock })
   await app.register(wellKnownRoutes, { keys, config })
-  await app.register(tokenRoutes, { registry, tokens, possession, metrics })
+  await app.register(tokenRoutes, { registry, tokens, possession, metrics, audit: auditHooks })
   const credentials = createUpstreamCredentials(config.upstream, {
     clock,
     log: app.log,
     onFetch: (mode, result) => { metrics.upstreamTokenFetches.inc({ mode, result }) }
   })
-  await app.register(proxyRoutes, { config, registry, tokens, possession, upstream: deps.upstream, metrics, credentials })
+  await app.register(proxyRoutes, { config, registry, tokens, possession, upstream: deps.upstream, metrics, credentials, audit: auditHooks })
   return app
 }

@@ -57,6 +57,13 @@ export function rateLimitKey (request: FastifyRequest): string {
   return 'thumbprint' in verdict ? verdict.thumbprint : request.ip
 }
 
+// The fingerprint of the certificate the client presented and the CA verified, whether or
+// not it is registered: the audit trail records who tried.
+export function presentedThumbprint (request: FastifyRequest): string | null {
+  const verdict = peerVerdict(request)
+  return 'thumbprint' in verdict ? verdict.thumbprint : null
+}
+
 export interface ForwardedOptions {
   readonly trustedProxies: readonly string[]
   // TLS_CLIENT_CA_FILE, parsed only when there are trusted proxies.

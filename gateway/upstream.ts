@@ -3,6 +3,7 @@ import type { Readable } from 'node:stream'
 import { Pool } from 'undici'
 import type { Dispatcher } from 'undici'
 import type { GatewayConfig } from '../shared/config.js'
+import type { PoolStats } from './metrics.js'
 import { GatewayError } from '../shared/errors.js'
 
 export function createUpstreamPool (config: GatewayConfig): Pool {
@@ -151,10 +152,12 @@ export function upstreamPath (rawUrl: string, prefix: string, basePath: string):
 
 // The request body, streamed to the upstream, cut off with a 413 once it passes the limit
 // (Content-Length is checked before we connect; this catches chunked bodies).
-export async function * limitBody (body: Readable, limit: number): AsyncGenerator<Buffer> {
+// `counter.bytesIn` is what the audit row records.
+export async function * limitBody (body: Readable, limit: number, counter: { bytesIn: number } = { bytesIn: 0 }): AsyncGenerator<Buffer> {
   let seen = 0
   for await (const chunk of body) {
     seen += (chunk as Buffer).length
+    counter.bytesIn = seen
     if (seen > limit) throw new GatewayError('BODY_TOO_LARGE', [limit])
     yield chunk as Buffer
   }
@@ -175,4 +178,5 @@ export function translateUpstreamError (err: unknown, responded: boolean): Gatew
   return new GatewayError('UPSTREAM_ERROR', [], { cause: err })
 }
 
-export type UpstreamDispatcher = Pick<Dispatcher, 'request'>
+// A Pool's `stats` feed the upstream connection gauges when the dispatcher has them.
+export type UpstreamDispatcher = Pick<Dispatcher, 'request'> & { readonly stats?: PoolStats }

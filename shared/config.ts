@@ -55,6 +55,10 @@ const schema = {
     REDIS_URL: { type: 'string' },
     CORS_ORIGINS: { type: 'string' },
     SHUTDOWN_GRACE_MS: { type: 'integer', minimum: 0, default: 10_000 },
+    AUDIT_BUFFER_MAX: { type: 'integer', minimum: 1, maximum: 10_000_000, default: 100_000 },
+    AUDIT_BATCH_SIZE: { type: 'integer', minimum: 1, maximum: 3000, default: 500 },
+    AUDIT_FLUSH_INTERVAL_MS: { type: 'integer', minimum: 1, maximum: 60_000, default: 200 },
+    AUDIT_CLOSE_TIMEOUT_MS: { type: 'integer', minimum: 0, default: 10_000 },
     LOG_LEVEL: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
     TOKEN_REQUIRE_DPOP: { type: 'string', enum: BOOLEAN, default: 'false' },
     TOKEN_SINGLE_USE: { type: 'string', enum: BOOLEAN, default: 'false' },
@@ -175,6 +179,14 @@ export interface Config {
   }
   // Exact origins (scheme://host[:port]) allowed credentialed CORS; empty: no CORS at all.
   readonly cors: { readonly origins: readonly string[] }
+  readonly audit: {
+    // Rows held while Postgres is unreachable; when full, EHR traffic is refused (503).
+    readonly bufferMax: number
+    readonly batchSize: number
+    readonly flushIntervalMs: number
+    // How long shutdown keeps trying to write what is buffered.
+    readonly closeTimeoutMs: number
+  }
   readonly log: { readonly level: string }
 }
 
@@ -486,6 +498,12 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
       fallbackMax: raw['RATE_LIMIT_FALLBACK_MAX'] === undefined ? num('RATE_LIMIT_MAX') : num('RATE_LIMIT_FALLBACK_MAX')
     },
     cors: { origins: corsOrigins },
+    audit: {
+      bufferMax: num('AUDIT_BUFFER_MAX'),
+      batchSize: num('AUDIT_BATCH_SIZE'),
+      flushIntervalMs: num('AUDIT_FLUSH_INTERVAL_MS'),
+      closeTimeoutMs: num('AUDIT_CLOSE_TIMEOUT_MS')
+    },
     log: { level: str('LOG_LEVEL') ?? 'info' }
   }
   return deepFreeze(config)

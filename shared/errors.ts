@@ -147,6 +147,9 @@ export const errorSpecs = {
     'Retry; if it persists, check the EHR and the gateway log (by request id).'),
 
   // ---- service state
+  AUDIT_UNAVAILABLE: spec(503, 'Audit trail unavailable',
+    'the audit trail cannot record this request, so it is not served',
+    'Restore the database the gateway writes audit rows to; traffic resumes by itself once the buffered rows are written (see AUDIT_BUFFER_MAX).'),
   NOT_READY: spec(503, 'Not ready', '%s', 'Wait for the gateway to finish starting; see /readyz.'),
   INTERNAL_ERROR: spec(500, 'Internal error',
     'the gateway failed to handle the request',
@@ -200,6 +203,9 @@ export const errorSpecs = {
   KEY_DECRYPT_FAILED: spec(500, 'Signing key cannot be decrypted',
     "signing key '%s' does not decrypt with TOKEN_KEY_ENCRYPTION_KEY",
     'Set the TOKEN_KEY_ENCRYPTION_KEY the keys were created with.'),
+  AUDIT_RETENTION_TOO_SHORT: spec(400, 'Audit retention too short',
+    'refusing to prune audit rows younger than %s; the minimum is 1 day',
+    'Pass a longer --older-than (HIPAA documentation is kept 6 years: 6y).'),
   USAGE: spec(400, 'Bad usage', '%s', 'See `ehrctl --help`.')
 } as const satisfies Record<string, ErrorSpec>
 

@@ -4,6 +4,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Dispatcher } from 'undici'
 import type { GatewayConfig } from '../../shared/config.js'
 import { GatewayError } from '../../shared/errors.js'
+import type { AuditHooks } from '../audit.js'
 import { identify, requireToken } from '../identity.js'
 import type { Metrics } from '../metrics.js'
 import type { Possession } from '../possession.js'
@@ -22,6 +23,7 @@ interface ProxyRouteOptions {
   readonly upstream: UpstreamDispatcher
   readonly metrics: Metrics
   readonly credentials: UpstreamCredentials
+  readonly audit: AuditHooks
 }
 
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const
@@ -78,12 +80,14 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
         method,
         path,
         headers: upstreamRequestHeaders(request.headers, apiKeyHeader, auth.headers, request.id),
-        body: hasBody ? Readable.from(limitBody(request.raw, bodyLimit), { objectMode: false }) : null,
+        body: hasBody ? Readable.from(limitBody(request.raw, bodyLimit, request), { objectMode: false }) : null,
         headersTimeout: headersTimeoutMs,
         bodyTimeout: bodyTimeoutMs,
         signal: abort
       })
-      upstreamDuration(response.statusCode).observe((performance.now() - started) / 1000)
+      // The audit row keeps the last attempt's time to headers.
+      request.upstreamMs = performance.now() - started
+      upstreamDuration(response.statusCode).observe(request.upstreamMs / 1000)
       return response
     }
     let response: Dispatcher.ResponseData
@@ -124,7 +128,13 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
     await reply.send(response.body)
   }
 
-  const routeOptions = { preValidation: [identify(options.registry), requireToken(options.tokens, options.possession)] }
+  const { audit } = options
+  const routeOptions = {
+    onRequest: audit.onRequest,
+    preValidation: [identify(options.registry), requireToken(options.tokens, options.possession)],
+    onResponse: audit.onResponse,
+    onRequestAbort: audit.onRequestAbort
+  }
   app.route({ method: [...METHODS], url: proxyPrefix, ...routeOptions, handler: forward })
   app.route({ method: [...METHODS], url: `${proxyPrefix}/*`, ...routeOptions, handler: forward })
 }

@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { Machine } from '../../shared/db/machines.js'
 import { GatewayError } from '../../shared/errors.js'
 import type { ErrorCode } from '../../shared/errors.js'
+import type { AuditHooks } from '../audit.js'
 import { identify } from '../identity.js'
 import type { Metrics } from '../metrics.js'
 import type { Possession } from '../possession.js'
@@ -20,6 +21,7 @@ interface TokenRouteOptions {
   readonly tokens: TokenService
   readonly possession: Possession
   readonly metrics: Metrics
+  readonly audit: AuditHooks
 }
 
 const INVALID_CLIENT: ReadonlySet<ErrorCode> = new Set([
@@ -49,7 +51,7 @@ export function isOAuthFormRequest (request: FastifyRequest): boolean {
 // grant_type=client_credentials request (RFC 6749 §4.4) is what OAuth libraries send. A DPoP
 // proof (RFC 9449 §5) binds the token to the client's key as well.
 export async function tokenRoutes (app: FastifyInstance, options: TokenRouteOptions): Promise<void> {
-  const { registry, tokens, possession, metrics } = options
+  const { registry, tokens, possession, metrics, audit } = options
   app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string', bodyLimit: 4096 }, (_request, body, done) => {
     done(null, Object.fromEntries(new URLSearchParams(body as string)))
   })
@@ -57,7 +59,12 @@ export async function tokenRoutes (app: FastifyInstance, options: TokenRouteOpti
   app.post('/v1/token', {
     bodyLimit: 4096,
     config: { oauthErrors: true },
-    preValidation: identify(registry)
+    onRequest: audit.onRequest,
+    preValidation: identify(registry),
+    onResponse: [audit.onResponse, async (request, reply) => {
+      if (reply.statusCode !== 200) metrics.tokensRefused.inc({ code: request.errorCode ?? String(reply.statusCode) })
+    }],
+    onRequestAbort: audit.onRequestAbort
   }, async (request, reply) => {
     possession.offerNonce(reply)
     const machine = request.machine as Machine

@@ -68,6 +68,62 @@ export const migrations: readonly Migration[] = [
       );
       create index replay_ids_expires_at on replay_ids (expires_at);
     `
+  },
+  {
+    version: 3,
+    name: 'audit trail',
+    sql: `
+      -- One row per request that reached the EHR proxy or the token endpoint (HIPAA
+      -- 45 CFR 164.312(b)). Query parameter names only: their values can be patient data.
+      create table audit_log (
+        id bigint generated always as identity primary key,
+        at timestamptz not null,
+        -- The gateway's per-request UUID: unique across instances, so a batch retried after
+        -- a lost acknowledgement inserts nothing twice (on conflict do nothing).
+        request_id uuid not null unique,
+        machine_id uuid,
+        machine_name text,
+        cert_thumbprint text,
+        token_jti text,
+        client_ip inet not null,
+        method text not null,
+        route text not null,
+        path text not null,
+        resource_type text,
+        resource_id text,
+        query_params text[] not null default '{}',
+        status smallint not null,
+        error_code text,
+        duration_ms double precision not null,
+        upstream_ms double precision,
+        bytes_in bigint not null default 0,
+        bytes_out bigint not null default 0
+      );
+      create index audit_log_at on audit_log (at);
+      create index audit_log_machine on audit_log (machine_name, at);
+      create index audit_log_status on audit_log (status, at);
+      create index audit_log_code on audit_log (error_code, at) where error_code is not null;
+
+      -- Append-only. The GRANTs are the control (the gateway's role gets INSERT and SELECT
+      -- only; README "Audit trail"); this trigger is defence in depth against an owner or an
+      -- over-granted role. The one exception is the retention job (ehrctl audit prune), which
+      -- sets ehr_gateway.audit_retention for its own transaction, and even it cannot delete
+      -- a row younger than a day by the database's clock.
+      create function audit_log_append_only() returns trigger language plpgsql as $$
+      begin
+        if tg_op = 'DELETE' and current_setting('ehr_gateway.audit_retention', true) = 'on'
+           and old.at < now() - interval '1 day' then
+          return old;
+        end if;
+        raise exception 'audit_log is append-only: % refused', tg_op
+          using errcode = 'insufficient_privilege',
+                hint = 'rows are removed only by ehrctl audit prune, and only when older than a day';
+      end $$;
+      create trigger audit_log_append_only before update or delete on audit_log
+        for each row execute function audit_log_append_only();
+      create trigger audit_log_no_truncate before truncate on audit_log
+        for each statement execute function audit_log_append_only();
+    `
   }
 ]
 
@@ -97,7 +153,10 @@ export async function migrate (sql: Sql): Promise<MigrationResult> {
     )`
     const from = await schemaVersion(tx)
     if (from > LATEST_VERSION) throw new GatewayError('DB_SCHEMA_TOO_NEW', [from, LATEST_VERSION])
-    const pending = migrations.filter(m => m.version > from)
+    // By the versions recorded, not by the highest: a migration numbered below one that a
+    // parallel branch already applied (versions are assigned up front) still runs.
+    const done = new Set((await tx<Array<{ version: number }>>`select version from schema_migrations`).map(r => r.version))
+    const pending = migrations.filter(m => !done.has(m.version))
     for (const m of pending) {
       await tx.unsafe(m.sql)
       await tx`insert into schema_migrations (version, name) values (${m.version}, ${m.name})`

@@ -1,0 +1,140 @@
+import postgres from 'postgres'
+import t from 'tap'
+import type { Test } from 'tap'
+import { auditRepository } from '../../shared/db/audit.js'
+import type { AuditEntry } from '../../shared/db/audit.js'
+import { assertProblem } from '../helpers/assert.js'
+import { adminUrl } from '../helpers/db.js'
+import { TEST_API_KEY, startGateway } from '../helpers/gateway.js'
+import type { TestGateway } from '../helpers/gateway.js'
+
+const sleep = async (ms: number): Promise<void> => { await new Promise(resolve => setTimeout(resolve, ms)) }
+
+function admin (t: Test) {
+  const sql = postgres(adminUrl(), { max: 2, onnotice: () => {} })
+  t.teardown(async () => { await sql.end({ timeout: 1 }) })
+  return sql
+}
+
+const dbName = (gw: TestGateway): string => new URL(gw.db.url).pathname.slice(1)
+
+async function rows (gw: TestGateway): Promise<AuditEntry[]> {
+  const newestFirst = await auditRepository(gw.db.sql).list({}, 1_000_000)
+  return newestFirst.sort((a, b) => Number(a.id) - Number(b.id))
+}
+
+async function ready (gw: TestGateway, name: string) {
+  const { machine, pair } = await gw.register(name)
+  const agent = gw.agent(pair)
+  const token = await gw.fetchToken(agent)
+  return { machine, agent, token, auth: { authorization: `Bearer ${token}` } }
+}
+
+t.test('one row per request to the proxy and the token endpoint, allowed or refused, with names but no values', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '10' } })
+  const { machine, agent, token, auth } = await ready(gw, 'ws-audit')
+  const ok = await gw.call(agent, '/fhir/Patient/123/_history/2', { headers: auth })
+  t.equal(ok.status, 200)
+  const search = await gw.call(agent, '/fhir/Patient?name=Jane%20Doe&birthdate=1970-01-01&name=Smith', { headers: auth })
+  t.equal(search.status, 200)
+  const post = await gw.call(agent, '/fhir/Observation', { method: 'POST', headers: { ...auth, 'content-type': 'application/fhir+json' }, body: '{"resourceType":"Observation","note":"secret diagnosis"}' })
+  t.equal(post.status, 200)
+  const meta = await gw.call(agent, '/fhir/metadata', { headers: auth })
+  t.equal(meta.status, 200)
+  const noToken = await gw.call(agent, '/fhir/Patient/9')
+  assertProblem(t, noToken, 401, 'TOKEN_MISSING')
+  const stranger = gw.agent(await gw.pki.ca.issueClient({ commonName: 'stranger' }))
+  assertProblem(t, await gw.call(stranger, '/v1/token', { method: 'POST' }), 403, 'MACHINE_NOT_REGISTERED')
+  const notAudited = await gw.call(agent, '/.well-known/jwks.json')
+  t.equal(notAudited.status, 200)
+
+  await gw.app.close()
+  const all = await rows(gw)
+  // The first row is the token request in ready().
+  t.equal(all.length, 7, 'token, 4 proxied, 1 refused proxy, 1 refused token; jwks not audited')
+  const byId = new Map(all.map(r => [r.requestId, r]))
+  const tokenRow = all[0] as AuditEntry
+  t.match(tokenRow, { route: '/v1/token', method: 'POST', status: 200, machineName: 'ws-audit', machineId: machine.id, certThumbprint: machine.fingerprint, errorCode: null })
+  t.match(tokenRow.tokenJti, /^[\w-]{10,}$/, 'the issued jti')
+  t.ok(Number(tokenRow.bytesOut) > 0)
+
+  const okRow = byId.get(String(ok.headers['x-request-id']))
+  t.match(okRow, { route: '/fhir/*', path: '/fhir/Patient/123/_history/2', resourceType: 'Patient', resourceId: '123', status: 200, tokenJti: tokenRow.tokenJti, clientIp: /127\.0\.0\.1$/ })
+  t.ok(okRow !== undefined && okRow.upstreamMs !== null && okRow.upstreamMs >= 0, 'upstream latency recorded')
+  t.ok(okRow !== undefined && okRow.durationMs >= (okRow.upstreamMs ?? 0))
+  const searchRow = byId.get(String(search.headers['x-request-id']))
+  t.match(searchRow, { path: '/fhir/Patient', resourceType: 'Patient', resourceId: null, queryParams: ['name', 'birthdate'] })
+  const postRow = byId.get(String(post.headers['x-request-id']))
+  t.match(postRow, { method: 'POST', resourceType: 'Observation', bytesIn: 56 })
+  t.match(byId.get(String(meta.headers['x-request-id'])), { path: '/fhir/metadata', resourceType: null, resourceId: null })
+  t.match(byId.get(String(noToken.headers['x-request-id'])), { status: 401, errorCode: 'TOKEN_MISSING', machineName: 'ws-audit', tokenJti: null })
+  const strangerRow = all.find(r => r.errorCode === 'MACHINE_NOT_REGISTERED')
+  t.match(strangerRow, { status: 403, machineName: null, route: '/v1/token' })
+  t.match(strangerRow?.certThumbprint, /^[\w-]{43}$/, 'the unregistered certificate is named by fingerprint')
+
+  // STYLE §7: no query values (PHI), no bodies, no credentials in any row.
+  const text = JSON.stringify(all)
+  for (const forbidden of ['Jane', 'Doe', 'Smith', '1970', 'secret diagnosis', token, TEST_API_KEY]) {
+    t.notOk(text.includes(forbidden), `no ${forbidden.slice(0, 12)}… in audit rows`)
+  }
+})
+
+t.test('cutting the database connections mid-stream loses no row and duplicates none', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_BATCH_SIZE: '5', AUDIT_FLUSH_INTERVAL_MS: '5' } })
+  const { agent, auth } = await ready(gw, 'ws-stream')
+  const killer = admin(t)
+  const answered: Array<{ id: string, status: number }> = []
+  let stop = false
+  const client = async (): Promise<void> => {
+    while (!stop) {
+      const res = await gw.call(agent, `/fhir/Patient/${answered.length}?_count=1`, { headers: auth })
+      answered.push({ id: String(res.headers['x-request-id']), status: res.status })
+    }
+  }
+  const clients = Array.from({ length: 6 }, client)
+
+  // Holds audit_log locked so an insert is certainly in flight, then cuts every other
+  // connection of the gateway's database: that insert dies mid-statement, unacknowledged.
+  const locker = postgres(gw.db.url, { max: 1, onnotice: () => {} })
+  t.teardown(async () => { await locker.end({ timeout: 1 }) })
+  let cutDuringWrite = 0
+  let cuts = 0
+  for (let round = 0; round < 6; round++) {
+    await sleep(60)
+    await locker.begin(async tx => {
+      await tx.unsafe('lock table audit_log in access exclusive mode')
+      const [me] = await tx<Array<{ pid: number }>>`select pg_backend_pid() as pid`
+      for (let i = 0; i < 100; i++) {
+        const [waiting] = await killer<Array<{ n: number }>>`
+          select count(*)::int as n from pg_stat_activity
+          where datname = ${dbName(gw)} and query ilike '%insert into audit_log%' and wait_event_type = 'Lock'`
+        if ((waiting?.n ?? 0) > 0) { cutDuringWrite++; break }
+        await sleep(5)
+      }
+      const killed = await killer`
+        select pg_terminate_backend(pid) from pg_stat_activity
+        where datname = ${dbName(gw)} and pid <> ${me?.pid ?? 0} and backend_type = 'client backend'`
+      cuts += killed.length
+    })
+  }
+  stop = true
+  await Promise.all(clients)
+  await gw.app.close()
+
+  const all = await rows(gw)
+  const proxied = all.filter(r => r.route === '/fhir/*')
+  const succeeded = answered.filter(a => a.status === 200).length
+  t.comment(`${answered.length} answered (${succeeded} 200), ${cuts} connections cut, ${cutDuringWrite} during an insert, ${Number(await failures(gw))} failed writes`)
+  t.ok(answered.length > 50, 'a real stream of requests')
+  t.equal(proxied.filter(r => r.status === 200).length, succeeded, 'as many 200 rows as 200 answers')
+  t.equal(proxied.length, answered.length, 'one row per answer')
+  t.same(new Set(proxied.map(r => r.requestId)), new Set(answered.map(a => a.id)), 'the same request ids')
+  t.ok(cuts > 0)
+  t.equal(cutDuringWrite, 6, 'every cut hit an insert in flight')
+  t.ok(await failures(gw) >= 6, 'and those writes failed, then were retried')
+})
+
+async function failures (gw: TestGateway): Promise<number> {
+  const metric = await gw.app.gateway.metrics.auditWriteFailures.get()
+  return metric.values[0]?.value ?? 0
+}
