@@ -132,18 +132,31 @@ export class AuditTrail implements AuditSink {
   }
 
   // Shutdown: after the listener has drained, write what is buffered, trying (with the same
-  // back-off) until closeTimeoutMs; whatever is left goes to the error log row by row.
+  // back-off) until closeTimeoutMs, a write in flight included; whatever is left goes to the
+  // error log row by row. A write still in flight then may yet commit: replaying the log
+  // later is safe, the request id deduplicates.
   async close (): Promise<void> {
     if (this.#closed) return
     this.#closed = true
     clearInterval(this.#timer)
     const deadline = performance.now() + this.#options.closeTimeoutMs
-    await this.#writing
-    while (this.#buffer.length > 0) {
-      const wait = this.#retryAt - performance.now()
-      if (performance.now() + Math.max(wait, 0) >= deadline) break
+    const remaining = (): number => deadline - performance.now()
+    for (;;) {
+      if (this.#writing !== undefined) {
+        const writing = this.#writing
+        let timer: NodeJS.Timeout | undefined
+        const settled = await Promise.race([
+          writing.then(() => true),
+          new Promise<false>(resolve => { timer = setTimeout(() => { resolve(false) }, Math.max(remaining(), 0)) })
+        ])
+        clearTimeout(timer)
+        if (!settled) break
+      }
+      if (this.#buffer.length === 0) break
+      const wait = Math.max(this.#retryAt - performance.now(), 0)
+      if (wait >= remaining()) break
       if (wait > 0) await sleep(wait)
-      await this.#writeBatch()
+      this.#writing = this.#writeBatch().finally(() => { this.#writing = undefined })
     }
     if (this.#buffer.length > 0) {
       this.#options.log.error({ rows: this.#buffer.length }, 'audit rows could not be written before shutdown; each follows in this log as "unwritten audit row"')

@@ -1,4 +1,5 @@
 import type { Sql } from 'postgres'
+import { GatewayError } from '../errors.js'
 
 // One row of audit_log (migration 3) as the gateway writes it.
 export interface AuditRecord {
@@ -29,11 +30,9 @@ export interface AuditEntry extends AuditRecord {
   readonly id: string
 }
 
-export const AUDIT_COLUMNS = [
-  'at', 'requestId', 'machineId', 'machineName', 'certThumbprint', 'tokenJti', 'clientIp', 'method',
-  'route', 'path', 'resourceType', 'resourceId', 'queryParams', 'status', 'errorCode', 'durationMs',
-  'upstreamMs', 'bytesIn', 'bytesOut'
-] as const satisfies ReadonlyArray<keyof AuditRecord>
+const COLUMN_LIST = 'at, request_id, machine_id, machine_name, cert_thumbprint, token_jti, client_ip, ' +
+  'method, route, path, resource_type, resource_id, query_params, status, error_code, duration_ms, ' +
+  'upstream_ms, bytes_in, bytes_out'
 
 export interface AuditFilter {
   readonly machine?: string | undefined
@@ -43,16 +42,18 @@ export interface AuditFilter {
   readonly code?: string | undefined
 }
 
-// Postgres allows 65535 parameters per statement; 19 columns a row.
+// Bounds one statement's size (a row is under 2 KiB of JSON).
 export const MAX_AUDIT_BATCH = 3000
 const PRUNE_BATCH = 10_000
+// The trigger of migration 3 refuses younger rows whatever the caller asks.
+export const MIN_AUDIT_RETENTION_MS = 86_400_000
 
 export function auditRepository (sql: Sql) {
   // Explicit casts so numbers arrive as numbers and the address as text.
   const selectList = sql`
     id::text as id, at, request_id::text as request_id, machine_id::text as machine_id, machine_name,
     cert_thumbprint, token_jti, host(client_ip) as client_ip, method, route, path, resource_type,
-    resource_id, query_params, status::int as status, error_code, duration_ms, upstream_ms,
+    resource_id, to_json(query_params) as query_params, status::int as status, error_code, duration_ms, upstream_ms,
     bytes_in::float8 as bytes_in, bytes_out::float8 as bytes_out`
 
   function where (f: AuditFilter) {
@@ -65,13 +66,40 @@ export function auditRepository (sql: Sql) {
   }
 
   // One statement, so atomic: a failure wrote nothing. `on conflict do nothing` makes a
-  // retry of a batch whose commit was acknowledged too late insert nothing twice.
-  // Returns how many rows were new.
+  // retry of a batch whose commit was acknowledged too late insert nothing twice. The rows
+  // travel as one jsonb parameter: no 65535-parameter ceiling, and no array parameter
+  // (client.ts turns postgres.js' array-type lookup off). Returns how many rows were new.
   async function insertBatch (rows: readonly AuditRecord[]): Promise<number> {
     if (rows.length === 0) return 0
-    const values = rows.map(r => ({ ...r, queryParams: [...r.queryParams] }))
+    const json = sql.json(rows.map(r => ({
+      at: r.at.toISOString(),
+      request_id: r.requestId,
+      machine_id: r.machineId,
+      machine_name: r.machineName,
+      cert_thumbprint: r.certThumbprint,
+      token_jti: r.tokenJti,
+      client_ip: r.clientIp,
+      method: r.method,
+      route: r.route,
+      path: r.path,
+      resource_type: r.resourceType,
+      resource_id: r.resourceId,
+      query_params: [...r.queryParams],
+      status: r.status,
+      error_code: r.errorCode,
+      duration_ms: r.durationMs,
+      upstream_ms: r.upstreamMs,
+      bytes_in: r.bytesIn,
+      bytes_out: r.bytesOut
+    })))
     const result = await sql`
-      insert into audit_log ${sql(values, ...AUDIT_COLUMNS)}
+      insert into audit_log (${sql.unsafe(COLUMN_LIST)})
+      select ${sql.unsafe(COLUMN_LIST)}
+      from jsonb_to_recordset(${json}) as r (
+        at timestamptz, request_id uuid, machine_id uuid, machine_name text, cert_thumbprint text,
+        token_jti text, client_ip inet, method text, route text, path text, resource_type text,
+        resource_id text, query_params text[], status smallint, error_code text,
+        duration_ms double precision, upstream_ms double precision, bytes_in bigint, bytes_out bigint)
       on conflict (request_id) do nothing`
     return result.count
   }
@@ -96,6 +124,7 @@ export function auditRepository (sql: Sql) {
   // The setting is transaction-local (set_config's third argument), and the trigger
   // refuses anything younger than a day whatever the caller asks.
   async function prune (olderThanMs: number): Promise<number> {
+    if (!(olderThanMs >= MIN_AUDIT_RETENTION_MS)) throw new GatewayError('AUDIT_RETENTION_TOO_SHORT', [`${olderThanMs} ms`])
     let total = 0
     for (;;) {
       const deleted = await sql.begin(async tx => {

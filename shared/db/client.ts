@@ -33,6 +33,11 @@ export async function openDatabase (config: Config, options: OpenOptions = {}): 
     connect_timeout: 10,
     onnotice: () => {},
     transform: postgres.camel,
+    // postgres.js looks up array types as each new connection's first query and drops that
+    // promise: a connection cut at that moment (failover, pg_terminate_backend) becomes an
+    // unhandled rejection that ends the process (porsager/postgres#1192, #1223). No query
+    // of ours sends or reads a Postgres array.
+    fetch_types: false,
     connection: { application_name: 'ehr-gateway' }
   })
   try {

@@ -80,7 +80,7 @@ t.test('one row per request to the proxy and the token endpoint, allowed or refu
 })
 
 t.test('cutting the database connections mid-stream loses no row and duplicates none', async t => {
-  const gw = await startGateway(t, { env: { AUDIT_BATCH_SIZE: '5', AUDIT_FLUSH_INTERVAL_MS: '5' } })
+  const gw = await startGateway(t, { env: { AUDIT_BATCH_SIZE: '5', AUDIT_FLUSH_INTERVAL_MS: '5', RATE_LIMIT_MAX: '1000000' } })
   const { agent, auth } = await ready(gw, 'ws-stream')
   const killer = admin(t)
   const answered: Array<{ id: string, status: number }> = []
@@ -138,3 +138,137 @@ async function failures (gw: TestGateway): Promise<number> {
   const metric = await gw.app.gateway.metrics.auditWriteFailures.get()
   return metric.values[0]?.value ?? 0
 }
+
+// The database stalls (its table locked, as a long migration or a hung failover would) with
+// a tiny buffer: the gateway refuses rather than serve unaudited, says so once, and serves
+// again by itself when the rows are written.
+t.test('a full buffer refuses EHR traffic and token issuance with AUDIT_UNAVAILABLE until it drains', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_BUFFER_MAX: '3', AUDIT_BATCH_SIZE: '1', AUDIT_FLUSH_INTERVAL_MS: '5' } })
+  const { agent, auth } = await ready(gw, 'ws-full')
+  await sleep(50) // the token row is written
+  const locker = postgres(gw.db.url, { max: 1, onnotice: () => {} })
+  t.teardown(async () => { await locker.end({ timeout: 1 }) })
+  const statuses: number[] = []
+  await locker.begin(async tx => {
+    await tx.unsafe('lock table audit_log in access exclusive mode')
+    for (let i = 0; i < 5; i++) {
+      const res = await gw.call(agent, `/fhir/Patient/${i}`, { headers: auth })
+      statuses.push(res.status)
+      if (res.status !== 200) {
+        assertProblem(t, res, 503, 'AUDIT_UNAVAILABLE')
+        t.equal(res.headers['retry-after'], '5')
+      }
+      await sleep(20) // the answered request's row is recorded before the next arrives
+    }
+    assertProblem(t, await gw.call(agent, '/v1/token', { method: 'POST' }), 503, 'AUDIT_UNAVAILABLE')
+    t.equal(gw.upstream.requests.length, 3, 'nothing reached the EHR unaudited')
+  })
+  t.same(statuses, [200, 200, 200, 503, 503])
+  let res = await gw.call(agent, '/fhir/Patient/after', { headers: auth })
+  for (let i = 0; i < 50 && res.status !== 200; i++) {
+    await sleep(20)
+    res = await gw.call(agent, '/fhir/Patient/after', { headers: auth })
+  }
+  t.equal(res.status, 200, 'serving again once the rows are written')
+  await gw.app.close()
+  const all = await rows(gw)
+  t.equal(all.length, 5, 'token + the 3 served while stalled + the one after: refusals are not rows')
+  t.ok(all.every(r => r.status === 200))
+  const full = gw.logs.filter(l => l.includes('audit buffer full'))
+  t.equal(full.length, 1, 'logged once per episode')
+  t.ok(gw.logs.some(l => l.includes('audit buffer has room again')))
+  const refusals = await gw.app.gateway.metrics.auditRefusals.get()
+  t.ok((refusals.values[0]?.value ?? 0) >= 3, 'refusals counted')
+})
+
+t.test('closing the gateway writes what is buffered first', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '60000', AUDIT_BATCH_SIZE: '1000' } })
+  const { agent, auth } = await ready(gw, 'ws-close')
+  for (let i = 0; i < 5; i++) t.equal((await gw.call(agent, `/fhir/Patient/${i}`, { headers: auth })).status, 200)
+  t.equal((await rows(gw)).length, 0, 'nothing written yet (one batch a minute)')
+  await gw.app.close()
+  t.equal((await rows(gw)).length, 6)
+})
+
+t.test('a shutdown the database does not answer gives up after AUDIT_CLOSE_TIMEOUT_MS and logs each row', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '60000', AUDIT_BATCH_SIZE: '1000', AUDIT_CLOSE_TIMEOUT_MS: '300' } })
+  const { agent, auth } = await ready(gw, 'ws-stuck')
+  const res = await gw.call(agent, '/fhir/Patient/1', { headers: auth })
+  const locker = postgres(gw.db.url, { max: 1, onnotice: () => {} })
+  t.teardown(async () => { await locker.end({ timeout: 1 }) })
+  await locker.begin(async tx => {
+    await tx.unsafe('lock table audit_log in access exclusive mode')
+    const started = performance.now()
+    await gw.app.close()
+    const took = performance.now() - started
+    t.ok(took >= 250 && took < 2000, `close bounded (${Math.round(took)} ms)`)
+  })
+  const unwritten = gw.logs.filter(l => l.includes('"msg":"unwritten audit row"'))
+  t.equal(unwritten.length, 2, gw.logs.filter(l => l.includes('audit')).join(''))
+  t.ok(unwritten.some(l => l.includes(String(res.headers['x-request-id']))), 'the log names the request')
+  t.ok(gw.logs.some(l => l.includes('could not be written before shutdown')))
+})
+
+t.test('audit rows are append-only: UPDATE, DELETE and TRUNCATE are refused; only the retention job deletes, and only old rows', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '5' } })
+  await ready(gw, 'ws-append')
+  await gw.app.close()
+  const sql = gw.db.sql
+  t.equal((await rows(gw)).length, 1)
+  await t.rejects(sql`update audit_log set status = 500`, { code: '42501', message: /append-only: UPDATE refused/ })
+  await t.rejects(sql`delete from audit_log`, { code: '42501', message: /append-only: DELETE refused/ })
+  await t.rejects(sql`truncate audit_log`, { code: '42501', message: /append-only: TRUNCATE refused/ })
+  // The setting alone does not open the table: the row is younger than a day.
+  await t.rejects(sql.begin(async tx => {
+    await tx`select set_config('ehr_gateway.audit_retention', 'on', true)`
+    await tx`delete from audit_log`
+  }), { code: '42501' })
+  // Nor does it outlive its transaction.
+  await t.rejects(sql`update audit_log set at = at - interval '7 years'`, { code: '42501' })
+
+  const repo = auditRepository(sql)
+  const old = { ...(await rows(gw))[0] as AuditEntry, requestId: '00000000-0000-4000-8000-000000000001', at: new Date(Date.now() - 7 * 365 * 86_400_000) }
+  const { id: _id, ...record } = old
+  t.equal(await repo.insertBatch([record]), 1)
+  t.equal(await repo.insertBatch([record]), 0, 'the same request id twice is one row (a retried batch)')
+  t.equal(await repo.prune(6 * 365.25 * 86_400_000), 1, 'the retention job deletes the old row')
+  t.equal((await rows(gw)).length, 1, 'and only that one')
+  await t.rejects(repo.prune(3_600_000), { code: 'AUDIT_RETENTION_TOO_SHORT' }, 'prune refuses to delete rows younger than a day')
+})
+
+// The GRANTs the README gives: the gateway's role may add and read rows, never remove them,
+// even if it sets the retention switch; the retention role may delete old rows only.
+t.test('with the documented GRANTs the gateway role cannot delete audit rows', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '5' } })
+  await ready(gw, 'ws-grants')
+  await gw.app.close()
+  const suffix = dbName(gw).slice(-12)
+  const gatewayRole = `ehrgw_gateway_${suffix}`
+  const retentionRole = `ehrgw_retention_${suffix}`
+  const sql = gw.db.sql
+  const cluster = admin(t)
+  await cluster.unsafe(`create role ${gatewayRole} login; create role ${retentionRole} login`)
+  t.teardown(async () => {
+    await sql.unsafe(`drop owned by ${gatewayRole}, ${retentionRole}`)
+    await cluster.unsafe(`drop role if exists ${gatewayRole}; drop role if exists ${retentionRole}`)
+  })
+  await sql.unsafe(`
+    revoke all on audit_log from public;
+    grant insert, select on audit_log to ${gatewayRole};
+    grant select, delete on audit_log to ${retentionRole};`)
+  const as = (role: string) => {
+    const url = new URL(gw.db.url)
+    url.username = role
+    const client = postgres(url.toString(), { max: 1, onnotice: () => {}, transform: postgres.camel, fetch_types: false })
+    t.teardown(async () => { await client.end({ timeout: 1 }) })
+    return client
+  }
+  const gateway = as(gatewayRole)
+  const [row] = await rows(gw)
+  const { id: _id, ...record } = row as AuditEntry
+  t.equal(await auditRepository(gateway).insertBatch([{ ...record, requestId: '00000000-0000-4000-8000-0000000000aa', at: new Date(Date.now() - 7 * 365 * 86_400_000) }]), 1, 'the gateway role inserts')
+  t.equal((await auditRepository(gateway).list({}, 10)).length, 2, 'and reads')
+  await t.rejects(auditRepository(gateway).prune(86_400_000), { code: '42501', message: /permission denied/ }, 'but cannot prune')
+  await t.rejects(gateway`update audit_log set status = 1`, { code: '42501' })
+  t.equal(await auditRepository(as(retentionRole)).prune(86_400_000 * 365), 1, 'the retention role prunes the old row')
+})

@@ -23,7 +23,8 @@ export async function createTestDatabase (t: Test, options: { migrate?: boolean 
   await admin.unsafe(`create database ${name}`)
   const url = new URL(adminUrl())
   url.pathname = `/${name}`
-  const sql = postgres(url.toString(), { max: 4, onnotice: () => {}, transform: postgres.camel })
+  // As shared/db/client.ts opens it (fetch_types: see there).
+  const sql = postgres(url.toString(), { max: 4, onnotice: () => {}, transform: postgres.camel, fetch_types: false })
   if (options.migrate !== false) await migrate(sql)
   t.teardown(async () => {
     await sql.end({ timeout: 1 })
