@@ -1,7 +1,12 @@
-import { Command, CommanderError } from 'commander'
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import type { OptionValues } from 'commander'
 import { resolve } from 'node:path'
 import type { Env } from '../shared/config.js'
+import { parseDuration } from '../shared/duration.js'
+import { exportAudit } from './audit/export.js'
+import type { ExportFormat } from './audit/export.js'
+import { listAuditVerb } from './audit/list.js'
+import { pruneAuditVerb } from './audit/prune.js'
 import { checkConfigVerb } from './config/check.js'
 import type { Context } from './context.js'
 import { migrateVerb } from './db/migrate.js'
@@ -29,6 +34,22 @@ type Parse<I> = (args: readonly string[], options: OptionValues) => I
 
 const none = (): Record<string, never> => ({})
 const text = (value: unknown): string | null => typeof value === 'string' ? value : null
+const optional = <T>(value: unknown): T | undefined => value === undefined ? undefined : value as T
+
+// Option values checked while parsing, so a bad one is bad usage (exit 2).
+function durationArg (value: string): number {
+  const ms = parseDuration(value)
+  if (ms === undefined || ms <= 0) throw new InvalidArgumentError("expected a duration such as '90m', '1h', '7d' or '6y'")
+  return ms
+}
+const integerArg = (min: number, max: number) => (value: string): number => {
+  if (!/^\d+$/.test(value) || Number(value) < min || Number(value) > max) throw new InvalidArgumentError(`expected an integer from ${min} to ${max}`)
+  return Number(value)
+}
+function codeArg (value: string): string {
+  if (!/^[A-Z][A-Z0-9_]*$/.test(value)) throw new InvalidArgumentError('expected an error code such as TOKEN_EXPIRED')
+  return value
+}
 
 // Only arguments before `--` are options; `--json` there asks for JSON errors too, even
 // when parsing itself failed.
@@ -40,7 +61,7 @@ function wantsJson (argv: readonly string[]): boolean {
 function build (io: Io, ctx: Context, json: boolean): Command {
   const program = new Command('ehrctl')
   program
-    .description('Administer the ehr-gateway: machine registry, signing keys, database, configuration.')
+    .description('Administer the ehr-gateway: machine registry, signing keys, audit trail, database, configuration.')
     .exitOverride()
     .configureOutput({
       writeOut: s => { io.stdout.write(s) },
@@ -97,6 +118,41 @@ function build (io: Io, ctx: Context, json: boolean): Command {
     listKeysVerb, none)
   verb(keys.command('rotate').description('make a new current signing key (needs TOKEN_KEY_ENCRYPTION_KEY outside dev)'),
     rotateKeysVerb, none)
+
+  const audit = program.command('audit').description('the audit trail: one row per request to the EHR proxy or the token endpoint')
+  verb(audit.command('list')
+    .description('list audit rows, newest first')
+    .option('--machine <name>', 'only this machine')
+    .option('--since <duration>', "only rows this recent, e.g. '1h', '7d'", durationArg)
+    .option('--status <n>', 'only this HTTP status', integerArg(100, 599))
+    .option('--code <CODE>', 'only this error code', codeArg)
+    .option('--limit <n>', 'at most this many rows (default 100)', integerArg(1, 100_000)),
+  listAuditVerb, (_args, o) => ({
+    machine: optional<string>(o['machine']),
+    sinceMs: optional<number>(o['since']),
+    status: optional<number>(o['status']),
+    code: optional<string>(o['code']),
+    limit: optional<number>(o['limit']) ?? 100
+  }))
+  audit.command('export')
+    .description('stream audit rows, oldest first, to stdout for a SIEM (constant memory)')
+    .requiredOption('--since <duration>', "rows this recent, e.g. '24h'", durationArg)
+    .option('--until <duration>', "and older than this, e.g. '1h'", durationArg)
+    .addOption(new Option('--format <format>', 'output format').choices(['jsonl', 'csv']).default('jsonl'))
+    .action(async function (this: Command) {
+      const o = this.opts()
+      const n = await exportAudit({
+        sinceMs: o['since'] as number,
+        untilMs: optional<number>(o['until']),
+        format: o['format'] as ExportFormat
+      }, ctx, io.stdout)
+      // stdout is the data; the count is for the person watching.
+      if (io.stderr.isTTY === true) io.stderr.write(`Exported ${n} audit row${n === 1 ? '' : 's'}.\n`)
+    })
+  verb(audit.command('prune')
+    .description('delete audit rows older than a duration (at least 1d); needs a role allowed to DELETE from audit_log')
+    .requiredOption('--older-than <duration>', "e.g. '6y' (HIPAA documentation retention)", durationArg),
+  pruneAuditVerb, (_args, o) => ({ olderThanMs: o['olderThan'] as number }))
 
   const config = program.command('config').description('gateway configuration')
   verb(config.command('check').description('validate the environment and TLS files; print the effective config, secrets redacted')

@@ -124,7 +124,7 @@ export function auditRepository (sql: Sql) {
   // The setting is transaction-local (set_config's third argument), and the trigger
   // refuses anything younger than a day whatever the caller asks.
   async function prune (olderThanMs: number): Promise<number> {
-    if (!(olderThanMs >= MIN_AUDIT_RETENTION_MS)) throw new GatewayError('AUDIT_RETENTION_TOO_SHORT', [`${olderThanMs} ms`])
+    if (!(olderThanMs >= MIN_AUDIT_RETENTION_MS)) throw new GatewayError('AUDIT_RETENTION_TOO_SHORT', [`${Math.round(olderThanMs / 60_000)} minutes`])
     let total = 0
     for (;;) {
       const deleted = await sql.begin(async tx => {
