@@ -22,6 +22,9 @@ export interface AuditSink {
   // False when the buffer is full: the request must be refused, not served unaudited.
   admit(): boolean
   record(row: AuditRecord): void
+  // The same condition without counting a refusal: /readyz takes the instance out of the
+  // load balancer while it lasts.
+  readonly full: boolean
 }
 
 export interface AuditTrailOptions {
@@ -66,6 +69,7 @@ export class AuditTrail implements AuditSink {
   }
 
   get depth (): number { return this.#buffer.length }
+  get full (): boolean { return this.#buffer.length >= this.#options.bufferMax }
 
   start (): void {
     this.#timer ??= setInterval(() => { this.#kick() }, this.#options.flushIntervalMs).unref()

@@ -8,7 +8,7 @@ import type { GatewayParts } from './app.js'
 // nothing with the main listener but the parts it reports on.
 export function buildOps (parts: GatewayParts, sql: Sql): FastifyInstance {
   const app = Fastify({ logger: false })
-  const { metrics, registry, keys } = parts
+  const { metrics, registry, keys, audit } = parts
 
   app.setNotFoundHandler((request, reply) => reply.code(404).type('application/problem+json')
     .send(toProblem(new GatewayError('NOT_FOUND', [request.method, request.url.split('?')[0]]))))
@@ -18,6 +18,7 @@ export function buildOps (parts: GatewayParts, sql: Sql): FastifyInstance {
   app.get('/readyz', async (_request, reply) => {
     let problem: string | undefined
     if (!keys.ready) problem = 'no signing key loaded'
+    else if (audit.full) problem = 'audit buffer full: the audit database is not taking rows'
     else {
       try {
         await Promise.race([

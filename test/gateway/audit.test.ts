@@ -1,4 +1,7 @@
+import type { AddressInfo } from 'node:net'
 import postgres from 'postgres'
+import { request } from 'undici'
+import { buildOps } from '../../gateway/ops.js'
 import t from 'tap'
 import type { Test } from 'tap'
 import { auditRepository } from '../../shared/db/audit.js'
@@ -145,6 +148,10 @@ async function failures (gw: TestGateway): Promise<number> {
 t.test('a full buffer refuses EHR traffic and token issuance with AUDIT_UNAVAILABLE until it drains', async t => {
   const gw = await startGateway(t, { env: { AUDIT_BUFFER_MAX: '3', AUDIT_BATCH_SIZE: '1', AUDIT_FLUSH_INTERVAL_MS: '5' } })
   const { agent, auth } = await ready(gw, 'ws-full')
+  const ops = buildOps(gw.app.gateway, gw.db.sql)
+  await ops.listen({ host: '127.0.0.1', port: 0 })
+  t.teardown(async () => { await ops.close() })
+  const opsUrl = `http://127.0.0.1:${(ops.server.address() as AddressInfo).port}`
   await sleep(50) // the token row is written
   const locker = postgres(gw.db.url, { max: 1, onnotice: () => {} })
   t.teardown(async () => { await locker.end({ timeout: 1 }) })
@@ -161,6 +168,9 @@ t.test('a full buffer refuses EHR traffic and token issuance with AUDIT_UNAVAILA
       await sleep(20) // the answered request's row is recorded before the next arrives
     }
     assertProblem(t, await gw.call(agent, '/v1/token', { method: 'POST' }), 503, 'AUDIT_UNAVAILABLE')
+    const ready = await request(`${opsUrl}/readyz`)
+    t.equal(ready.statusCode, 503, 'out of the load balancer while full')
+    t.match(await ready.body.text(), /audit buffer full/)
     t.equal(gw.upstream.requests.length, 3, 'nothing reached the EHR unaudited')
   })
   t.same(statuses, [200, 200, 200, 503, 503])
@@ -271,4 +281,21 @@ t.test('with the documented GRANTs the gateway role cannot delete audit rows', a
   await t.rejects(auditRepository(gateway).prune(86_400_000), { code: '42501', message: /permission denied/ }, 'but cannot prune')
   await t.rejects(gateway`update audit_log set status = 1`, { code: '42501' })
   t.equal(await auditRepository(as(retentionRole)).prune(86_400_000 * 365), 1, 'the retention role prunes the old row')
+})
+
+t.test('a client that leaves before the answer still leaves one row (499)', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '5' } })
+  const { agent, auth } = await ready(gw, 'ws-leaves')
+  gw.upstream.setHandler(async (_req, res) => {
+    await sleep(300)
+    res.writeHead(200, { 'content-type': 'application/fhir+json' })
+    res.end('{}')
+  })
+  await t.rejects(request(`${gw.url}/fhir/Patient/slow`, { dispatcher: agent, headers: auth, signal: AbortSignal.timeout(50) }))
+  await sleep(400)
+  await gw.app.close()
+  const all = await rows(gw)
+  const left = all.filter(r => r.path === '/fhir/Patient/slow')
+  t.equal(left.length, 1, 'exactly one row')
+  t.match(left[0], { status: 499, errorCode: 'CLIENT_CLOSED_REQUEST', machineName: 'ws-leaves', resourceId: 'slow' })
 })

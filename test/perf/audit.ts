@@ -94,7 +94,7 @@ try {
     RATE_LIMIT_MAX: '100000000', LOG_LEVEL: 'info'
   })
   const discard = new Writable({ write (_c, _e, done) { done() } })
-  const discardingSink: AuditSink = { admit: () => true, record () {} }
+  const discardingSink: AuditSink = { admit: () => true, record () {}, full: false }
   const tls = { ca: ca.cert, cert: client.cert, key: client.key }
 
   async function round (audit: boolean): Promise<LoadResult> {
