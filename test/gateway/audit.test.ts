@@ -286,13 +286,23 @@ t.test('with the documented GRANTs the gateway role cannot delete audit rows', a
 t.test('a client that leaves before the answer still leaves one row (499)', async t => {
   const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '5' } })
   const { agent, auth } = await ready(gw, 'ws-leaves')
+  let release = (): void => {}
   gw.upstream.setHandler(async (_req, res) => {
-    await sleep(300)
+    await new Promise<void>(resolve => { release = resolve })
     res.writeHead(200, { 'content-type': 'application/fhir+json' })
     res.end('{}')
   })
-  await t.rejects(request(`${gw.url}/fhir/Patient/slow`, { dispatcher: agent, headers: auth, signal: AbortSignal.timeout(50) }))
-  await sleep(400)
+  const abort = new AbortController()
+  const pending = request(`${gw.url}/fhir/Patient/slow`, { dispatcher: agent, headers: auth, signal: abort.signal })
+  // Leave once the request has reached the EHR.
+  for (let i = 0; i < 200 && !gw.upstream.requests.some(r => r.url.includes('/Patient/slow')); i++) await sleep(10)
+  abort.abort()
+  await t.rejects(pending)
+  // The abort row (after the token's) is written while the EHR is still thinking.
+  const written = async (): Promise<number> => (await gw.app.gateway.metrics.auditRowsWritten.get()).values[0]?.value ?? 0
+  for (let i = 0; i < 200 && await written() < 2; i++) await sleep(10)
+  t.equal(await written(), 2)
+  release()
   await gw.app.close()
   const all = await rows(gw)
   const left = all.filter(r => r.path === '/fhir/Patient/slow')
