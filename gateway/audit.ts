@@ -1,3 +1,4 @@
+import { isIP } from 'node:net'
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { MAX_AUDIT_BATCH } from '../shared/db/audit.js'
 import type { AuditRecord } from '../shared/db/audit.js'
@@ -61,6 +62,8 @@ export class AuditTrail implements AuditSink {
   #retryAt = 0
   #full = false
   #closed = false
+  // Rows to write one at a time, to find a row Postgres refuses in a batch it refused.
+  #isolating = 0
 
   constructor (write: (rows: readonly AuditRecord[]) => Promise<unknown>, options: AuditTrailOptions) {
     this.#write = write
@@ -105,7 +108,7 @@ export class AuditTrail implements AuditSink {
   }
 
   async #writeBatch (): Promise<void> {
-    const batch = this.#buffer.slice(0, this.#batchSize)
+    const batch = this.#buffer.slice(0, this.#isolating > 0 ? 1 : this.#batchSize)
     const { metrics, log } = this.#options
     const started = performance.now()
     try {
@@ -113,6 +116,20 @@ export class AuditTrail implements AuditSink {
     } catch (err) {
       metrics.auditWriteDuration.observe({ result: 'failed' }, (performance.now() - started) / 1000)
       metrics.auditWriteFailures.inc()
+      // A value Postgres refuses (SQLSTATE class 22, data exception) would fail its batch
+      // forever and, the buffer full, stop all traffic: find it, and move that one row to the
+      // error log. Anything else (connection, lock, permission) is retried as it is.
+      if (/^22/.test(String((err as { code?: unknown }).code))) {
+        if (batch.length === 1) {
+          this.#buffer.splice(0, 1)
+          this.#isolating = Math.max(this.#isolating - 1, 0)
+          log.error({ err }, 'Postgres refused an audit row; it follows in this log as "unwritten audit row"')
+          this.#unwritten(batch)
+        } else {
+          this.#isolating = batch.length
+        }
+        return
+      }
       this.#failures++
       this.#retryAt = performance.now() + Math.min(RETRY_MIN_MS * 2 ** (this.#failures - 1), RETRY_MAX_MS)
       if (this.#failures === 1) {
@@ -124,6 +141,7 @@ export class AuditTrail implements AuditSink {
     metrics.auditRowsWritten.inc(batch.length)
     // Only now, and only these: rows recorded meanwhile were appended behind them.
     this.#buffer.splice(0, batch.length)
+    if (this.#isolating > 0) this.#isolating--
     if (this.#failures > 0) {
       log.warn({ failedAttempts: this.#failures, depth: this.#buffer.length }, 'audit writes resumed')
       this.#failures = 0
@@ -176,6 +194,9 @@ export class AuditTrail implements AuditSink {
 }
 
 const MAX_PATH = 2048
+// Bytes the HTTP parser lets through but Postgres text or jsonb would refuse (NUL) or a log
+// viewer would act on.
+const CONTROL = /[\u0000-\u001f\u007f]/g
 const MAX_QUERY_NAMES = 64
 const MAX_NAME = 128
 // FHIR R4 §2.1.0.1 (resource types are capitalised names) and id datatype.
@@ -230,7 +251,7 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
   function row (request: FastifyRequest, status: number, code: string | null, durationMs: number, bytesOut: number): AuditRecord {
     const url = request.raw.url ?? '/'
     const q = url.indexOf('?')
-    const path = (q === -1 ? url : url.slice(0, q)).slice(0, MAX_PATH)
+    const path = (q === -1 ? url : url.slice(0, q)).slice(0, MAX_PATH).replace(CONTROL, '?')
     const { type, id } = path.startsWith(proxyPrefix + '/') ? fhirResource(path.slice(proxyPrefix.length)) : { type: null, id: null }
     const machine = request.machine
     const declared = Number(request.headers['content-length'])
@@ -241,13 +262,14 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
       machineName: machine?.name ?? null,
       certThumbprint: request.certThumbprint ?? presentedThumbprint(request),
       tokenJti: request.tokenId,
-      clientIp: request.ip,
+      // A socket already gone (the client left) has no address any more.
+      clientIp: isIP(request.ip) === 0 ? null : request.ip,
       method: request.method,
       route: request.routeOptions.url ?? path,
       path,
       resourceType: type,
       resourceId: id,
-      queryParams: q === -1 ? [] : queryParamNames(url.slice(q + 1)),
+      queryParams: q === -1 ? [] : queryParamNames(url.slice(q + 1).replace(CONTROL, '?')),
       status,
       errorCode: code,
       durationMs,

@@ -33,7 +33,7 @@ function present (rows: AuditEntry[]): Human {
         r.method,
         r.path + (r.queryParams.length === 0 ? '' : '?' + r.queryParams.join('&')),
         r.machineName ?? '-',
-        r.clientIp,
+        r.clientIp ?? '-',
         r.requestId
       ]),
       empty: 'No audit rows match.'

@@ -9,7 +9,7 @@ export interface AuditRecord {
   readonly machineName: string | null
   readonly certThumbprint: string | null
   readonly tokenJti: string | null
-  readonly clientIp: string
+  readonly clientIp: string | null
   readonly method: string
   readonly route: string
   // Without the query: parameter names are in queryParams, values nowhere.

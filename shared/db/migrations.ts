@@ -85,7 +85,7 @@ export const migrations: readonly Migration[] = [
         machine_name text,
         cert_thumbprint text,
         token_jti text,
-        client_ip inet not null,
+        client_ip inet,
         method text not null,
         route text not null,
         path text not null,
