@@ -113,8 +113,9 @@ function googleTransport (tokenUrl: URL | undefined, timeoutMs: number): gaxios.
 
 function lifetime (expiryDate: number | null | undefined): number | undefined {
   // expiry_date is the library's own Date.now() plus expires_in; turned back into a
-  // lifetime so our cache runs on the injected clock.
-  return typeof expiryDate === 'number' ? expiryDate - Date.now() : undefined
+  // lifetime so our cache runs on the injected clock. expires_in is whole seconds (RFC 6749
+  // §5.1), so rounding takes out the milliseconds spent since the library read the clock.
+  return typeof expiryDate === 'number' ? Math.round((expiryDate - Date.now()) / 1000) * 1000 : undefined
 }
 
 function googleOAuthSource (config: GoogleOAuthConfig, timeoutMs: number): TokenSource {

@@ -211,7 +211,8 @@ t.test('a shutdown the database does not answer gives up after AUDIT_CLOSE_TIMEO
     const started = performance.now()
     await gw.app.close()
     const took = performance.now() - started
-    t.ok(took >= 250 && took < 2000, `close bounded (${Math.round(took)} ms)`)
+    // Unbounded, close would wait for the lock forever; the margin is for a loaded machine.
+    t.ok(took >= 250 && took < 10_000, `close bounded (${Math.round(took)} ms)`)
   })
   const unwritten = gw.logs.filter(l => l.includes('"msg":"unwritten audit row"'))
   t.equal(unwritten.length, 2, gw.logs.filter(l => l.includes('audit')).join(''))
