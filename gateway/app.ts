@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { STATUS_CODES } from 'node:http'
+import type { Server as TlsServer } from 'node:tls'
 import cors from '@fastify/cors'
 import rateLimit from '@fastify/rate-limit'
 import Fastify, { LogController } from 'fastify'
@@ -26,8 +27,9 @@ import { wellKnownRoutes } from './routes/well-known.js'
 import { SECURITY_HEADERS } from './security-headers.js'
 import { SharedLimits } from './shared-limits.js'
 import { SigningKeys } from './signing-keys.js'
-import { loadTlsOptions } from './tls.js'
-import type { GatewayTlsOptions } from './tls.js'
+import { readTlsMaterial, tlsOptions } from './tls.js'
+import type { GatewayTlsOptions, TlsMaterial } from './tls.js'
+import { TlsReloader } from './tls-reload.js'
 import { TokenService, tokenEncryptionKey } from './tokens.js'
 import type { UpstreamDispatcher } from './upstream.js'
 
@@ -38,6 +40,7 @@ export interface GatewayDeps {
   readonly clock?: () => number
   // Where pino writes (stdout when absent); anything with pino's DestinationStream shape.
   readonly logStream?: { write (line: string): unknown }
+  // Fixed TLS options instead of the configured files (then nothing is reloaded).
   readonly tls?: GatewayTlsOptions
 }
 
@@ -48,6 +51,8 @@ export interface GatewayParts {
   readonly possession: Possession
   readonly replay: ReplayStore
   readonly metrics: Metrics
+  // Reloads the TLS files (on file changes and SIGHUP); null with fixed deps.tls options.
+  readonly tls: TlsReloader | null
 }
 
 declare module 'fastify' {
@@ -124,7 +129,8 @@ function sendProblem (err: GatewayError, request: FastifyRequest, reply: Fastify
 // owns the process, tests listen on port 0.
 export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): Promise<FastifyInstance> {
   const clock = deps.clock ?? Date.now
-  const tls = deps.tls ?? loadTlsOptions(config)
+  const material: TlsMaterial | undefined = deps.tls === undefined ? readTlsMaterial(config.tls) : undefined
+  const tls = deps.tls ?? tlsOptions(material as TlsMaterial)
   const app = Fastify({
     https: tls,
     trustProxy: config.gateway.trustedProxies.length > 0 ? [...config.gateway.trustedProxies] : false,
@@ -160,6 +166,19 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   })
 
   const metrics = createMetrics()
+  let reloader: TlsReloader | null = null
+  if (material !== undefined) {
+    const expiry = (m: TlsMaterial): void => { metrics.tlsCertificateExpiry.set(Date.parse(m.serverCert.validTo) / 1000) }
+    expiry(material)
+    reloader = new TlsReloader({
+      files: config.tls,
+      initial: material,
+      log: app.log,
+      onResult: (result, current) => { metrics.tlsReloads.inc({ result }); expiry(current) }
+    })
+    reloader.attach(app.server as unknown as TlsServer)
+    reloader.watch()
+  }
   const registry = new MachineRegistry(deps.sql, { ttlMs: config.registry.cacheTtlMs, now: clock })
   const keys = new SigningKeys(deps.sql, {
     kek: keyEncryptionKeyBytes(config.tokens.keyEncryptionKey),
@@ -172,6 +191,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     onCleanupError: err => { app.log.error({ err }, 'deleting expired replay entries failed; retrying on the next tick') }
   })
   const stopListening = async (): Promise<void> => {
+    reloader?.close()
     replay.close()
     await registry.close()
     await keys.close()
@@ -190,7 +210,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   const kek = keyEncryptionKeyBytes(config.tokens.keyEncryptionKey)
   const tokens = new TokenService(keys, config.tokens, clock, tokenEncryptionKey(kek))
   const possession = new Possession(config, replay, config.dpop.nonce ? new DpopNonces(kek, clock) : undefined, clock)
-  app.decorate('gateway', { registry, keys, tokens, possession, replay, metrics })
+  app.decorate('gateway', { registry, keys, tokens, possession, replay, metrics, tls: reloader })
   app.decorateRequest('machine', null)
   app.decorateRequest('certThumbprint', null)
   app.decorateRequest('tokenId', null)

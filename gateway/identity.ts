@@ -49,6 +49,13 @@ function socketVerdict (socket: TLSSocket): PeerVerdict {
   return verdict
 }
 
+// The client CA bundle was reloaded without the CA this connection's certificate chains to
+// (gateway/tls-reload.ts): its requests are refused from now on, like those of a machine
+// revoked under an open connection, while the connection itself stays up.
+export function distrustPeer (socket: TLSSocket, reason: string): void {
+  verdicts.set(socket, { error: new GatewayError('CLIENT_CERT_UNTRUSTED', [reason]) })
+}
+
 // The rate-limit key: the client certificate's fingerprint when the handshake (or a trusted
 // proxy's header) gave a verified one, else the client address. Cheap (cached per socket) and known before any database lookup,
 // so refused requests count against the limit too.

@@ -55,7 +55,20 @@ export function createMetrics () {
     help: '1 while rate limits are shared through Redis (REDIS_URL), 0 while falling back',
     registers: [registry]
   })
-  return { registry, requests, duration, upstreamDuration, tokensIssued, registryLookups, upstreamTokenFetches, rateLimitFallback, rateLimitRedisUp }
+  const tlsReloads = new Counter({
+    name: 'ehr_gateway_tls_reloads_total',
+    help: 'Reloads of the TLS certificate, key and client CA, by result (reloaded, unchanged, failed: the previous files stay in use)',
+    labelNames: ['result'] as const,
+    registers: [registry]
+  })
+  const tlsCertificateExpiry = new Gauge({
+    name: 'ehr_gateway_tls_certificate_expiry_timestamp_seconds',
+    help: 'notAfter of the server certificate being served, in seconds since the epoch',
+    registers: [registry],
+    // The same certificate in every worker: report it once, not summed over workers.
+    aggregator: 'max'
+  })
+  return { registry, requests, duration, upstreamDuration, tokensIssued, registryLookups, upstreamTokenFetches, rateLimitFallback, rateLimitRedisUp, tlsReloads, tlsCertificateExpiry }
 }
 
 export type Metrics = ReturnType<typeof createMetrics>
