@@ -1,0 +1,100 @@
+import { existsSync } from 'node:fs'
+import t from 'tap'
+import { request } from 'undici'
+import { SERVER, once, serverSetup, spawnServer } from '../helpers/process.js'
+import type { LogLine, ServerProcess, ServerSetup } from '../helpers/process.js'
+
+if (!existsSync(SERVER)) t.plan(0, 'dist/ missing: npm test builds before running the suite')
+
+const isMsg = (msg: string) => (l: LogLine): boolean => l['msg'] === msg
+const gatewayUrl = (ready: LogLine): string => String(ready['gateway']).replace('127.0.0.1', 'localhost')
+
+async function token (url: string, setup: ServerSetup): Promise<string> {
+  const res = await once(url, setup, '/v1/token', { method: 'POST' })
+  if (res.status !== 200) throw new Error(`token: ${res.status} ${res.text}`)
+  return (JSON.parse(res.text) as { access_token: string }).access_token
+}
+
+// Every connection to one of `pids`: the access-log lines of the requests since `from`.
+const servedBy = (server: ServerProcess, from: number): Set<unknown> =>
+  new Set(server.lines.slice(from).filter(isMsg('request')).map(l => l['pid']))
+
+function sample (metrics: string, line: RegExp): number {
+  const m = line.exec(metrics)
+  return m === null ? Number.NaN : Number(m[1])
+}
+
+t.test('GATEWAY_WORKERS=2: two workers serve, a killed one is replaced, SIGTERM drains them all', async t => {
+  const setup = await serverSetup(t)
+  const server = spawnServer(t, { ...setup.env, GATEWAY_WORKERS: '2' })
+  const ready = await server.line(isMsg('ehr-gateway ready'), 'the primary to be ready')
+  const url = gatewayUrl(ready)
+  const workers = server.lines.filter(isMsg('worker ready')).map(l => l['pid'])
+  t.equal(new Set(workers).size, 2, 'two worker processes, each logging its pid')
+  t.same(new Set(ready['workers'] as unknown[]), new Set(workers), 'the primary names them')
+  t.notOk(workers.includes(server.child.pid), 'the primary serves nothing itself')
+
+  // Two workers starting together on a fresh database made one signing key between them.
+  t.equal((await setup.db.sql`select count(*)::int as n from signing_keys`)[0]?.['n'], 1, 'one signing key, not one per worker')
+
+  // Round robin: consecutive connections land on alternate workers.
+  let from = server.lines.length
+  const bearer = await token(url, setup)
+  for (let i = 0; i < 6; i++) {
+    const res = await once(url, setup, '/fhir/Patient/1', { headers: { authorization: `Bearer ${bearer}` } })
+    t.equal(res.status, 200, 'a token from one worker is good on every worker')
+  }
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.same(servedBy(server, from), new Set(workers), 'both workers served requests')
+
+  // The primary answers the ops listener for all of them: one aggregated scrape.
+  const ops = String(ready['ops'])
+  const metrics = await (await request(`${ops}/metrics`)).body.text()
+  t.equal(sample(metrics, /^ehr_gateway_requests_total\{route="\/fhir\/\*",method="GET",status="200",code=""\} (\d+)$/m), 6, 'requests summed over workers')
+  t.equal(sample(metrics, /^ehr_gateway_tokens_issued_total (\d+)$/m), 1)
+  t.equal(sample(metrics, /^ehr_gateway_workers (\d+)$/m), 2)
+  t.equal((await request(`${ops}/readyz`)).statusCode, 200)
+
+  // A crashed worker is replaced; the other one serves meanwhile.
+  const victim = workers[0] as number
+  process.kill(victim, 'SIGKILL')
+  const exit = await server.line(l => isMsg('worker exited unexpectedly; starting a replacement')(l) && l['worker'] === victim, 'the crash to be noticed')
+  t.equal(exit['signal'], 'SIGKILL')
+  t.equal(exit['level'], 50, 'logged as an error')
+  t.equal((await once(url, setup, '/fhir/Patient/2', { headers: { authorization: `Bearer ${bearer}` } })).status, 200, 'service continues')
+  const replacement = await server.line(isMsg('replacement worker ready'), 'the replacement')
+  t.not(replacement['worker'], victim)
+  t.notOk(workers.includes(replacement['worker']), 'a new process')
+  from = server.lines.length
+  for (let i = 0; i < 4; i++) t.equal((await once(url, setup, '/fhir/Patient/3', { headers: { authorization: `Bearer ${bearer}` } })).status, 200)
+  await new Promise(resolve => setTimeout(resolve, 100))
+  t.ok(servedBy(server, from).has(replacement['worker']), 'the replacement serves')
+  const after = await (await request(`${ops}/metrics`)).body.text()
+  t.equal(sample(after, /^ehr_gateway_worker_restarts_total (\d+)$/m), 1)
+
+  // SIGTERM to the primary: a request in flight completes, every worker closes in order,
+  // and the primary exits 0.
+  setup.upstream.setHandler(async (_req, res) => {
+    await new Promise(resolve => setTimeout(resolve, 1000))
+    res.writeHead(200, { 'content-type': 'application/fhir+json' })
+    res.end('{"resourceType":"Patient","id":"slow"}')
+  })
+  const inFlight = once(url, setup, '/fhir/Patient/slow', { headers: { authorization: `Bearer ${bearer}` } })
+  await new Promise(resolve => setTimeout(resolve, 300))
+  server.child.kill('SIGTERM')
+  const slow = await inFlight
+  t.equal(slow.status, 200, 'the in-flight request completed')
+  t.match(slow.text, '"slow"')
+  t.equal(await server.exited, 0, server.stderr)
+  t.equal(server.lines.filter(isMsg('shutting down: draining in-flight requests')).length, 2, 'each worker drained')
+  t.ok(server.lines.some(isMsg('all workers stopped')))
+})
+
+t.test('a worker that cannot start fails the whole start instead of looping', async t => {
+  const setup = await serverSetup(t)
+  const server = spawnServer(t, { ...setup.env, GATEWAY_WORKERS: '2', TLS_KEY_FILE: setup.pki.caFile.replace(/ca\.crt$/, 'ca.key') })
+  t.equal(await server.exited, 1)
+  t.match(server.stderr, /is not the key of the certificate/, 'the worker said why')
+  t.match(server.stderr, /exited with code 1 before it was ready/)
+  t.notOk(server.lines.some(isMsg('worker exited unexpectedly; starting a replacement')))
+})
