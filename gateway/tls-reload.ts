@@ -148,10 +148,16 @@ export class TlsReloader {
   #rewatch (): void {
     if (this.#closed) return
     const dirs = new Set<string>()
-    for (const file of [this.#files.certFile, this.#files.keyFile, this.#files.clientCaFile]) {
-      dirs.add(dirname(file))
+    // Resolved, so that a directory symlink switched elsewhere is watched where it now points.
+    const resolve = (path: string): void => {
       try {
-        dirs.add(dirname(realpathSync(file)))
+        dirs.add(realpathSync(path))
+      } catch {}
+    }
+    for (const file of [this.#files.certFile, this.#files.keyFile, this.#files.clientCaFile]) {
+      resolve(dirname(file))
+      try {
+        resolve(dirname(realpathSync(file)))
       } catch {}
     }
     for (const [dir, watcher] of this.#watchers) {

@@ -1,6 +1,13 @@
+import { X509Certificate } from 'node:crypto'
 import { existsSync } from 'node:fs'
+import { readFile, rename, symlink } from 'node:fs/promises'
+import { join } from 'node:path'
+import { connect } from 'node:tls'
 import t from 'tap'
 import { request } from 'undici'
+import { writeKeyPair } from '../../gateway/demo/pki.js'
+import { createPki } from '../helpers/gateway.js'
+import type { Pki } from '../helpers/gateway.js'
 import { SERVER, once, serverSetup, spawnServer } from '../helpers/process.js'
 import type { LogLine, ServerProcess, ServerSetup } from '../helpers/process.js'
 
@@ -97,4 +104,50 @@ t.test('a worker that cannot start fails the whole start instead of looping', as
   t.match(server.stderr, /is not the key of the certificate/, 'the worker said why')
   t.match(server.stderr, /exited with code 1 before it was ready/)
   t.notOk(server.lines.some(isMsg('worker exited unexpectedly; starting a replacement')))
+})
+
+// The served certificate, read from a fresh connection's handshake.
+async function servedFingerprint (url: string, ca: string): Promise<string> {
+  const { port } = new URL(url)
+  return await new Promise((resolve, reject) => {
+    const socket = connect({ host: '127.0.0.1', port: Number(port), servername: 'localhost', ca }, () => {
+      resolve(socket.getPeerX509Certificate()?.fingerprint256 ?? '')
+      socket.end()
+    })
+    socket.on('error', reject)
+  })
+}
+
+t.test('SIGHUP to the primary reloads the TLS files in every worker', async t => {
+  // The files live under a symlinked directory, `current -> v1`, switched to v2 by a rename
+  // in a directory the gateway does not watch: a change only SIGHUP announces, as on file
+  // systems without inotify.
+  const base = await createPki(t)
+  const dir = join(base.dir, 'server-tls')
+  const v1 = join(dir, 'v1')
+  const v2 = join(dir, 'v2')
+  const next = await base.ca.issueServer({ commonName: 'localhost' })
+  await writeKeyPair(v1, 'server', { cert: await readFile(base.certFile, 'utf8'), key: await readFile(base.keyFile, 'utf8') })
+  await writeKeyPair(v2, 'server', next)
+  await symlink(v1, join(dir, 'current'))
+  const pki: Pki = { ...base, certFile: join(dir, 'current', 'server.crt'), keyFile: join(dir, 'current', 'server.key') }
+  const setup = await serverSetup(t, pki)
+  const server = spawnServer(t, { ...setup.env, GATEWAY_WORKERS: '2' })
+  const url = gatewayUrl(await server.line(isMsg('ehr-gateway ready'), 'the primary to be ready'))
+  const before = await servedFingerprint(url, base.ca.cert)
+
+  await symlink(v2, join(dir, 'current.tmp'))
+  await rename(join(dir, 'current.tmp'), join(dir, 'current'))
+  await new Promise(resolve => setTimeout(resolve, 800))
+  t.equal(await servedFingerprint(url, base.ca.cert), before, 'no file event for this change')
+
+  server.child.kill('SIGHUP')
+  const reloaded = (l: LogLine): boolean => l['msg'] === 'TLS certificate and client CA reloaded' && l['trigger'] === 'SIGHUP'
+  await server.line(l => reloaded(l) && server.lines.filter(reloaded).length === 2, 'both workers to reload')
+  t.equal(new Set(server.lines.filter(reloaded).map(l => l['pid'])).size, 2, 'each worker reloaded')
+  const expected = new X509Certificate(next.cert).fingerprint256
+  for (let i = 0; i < 4; i++) t.equal(await servedFingerprint(url, base.ca.cert), expected, 'new connections get the new certificate')
+  t.equal(server.child.exitCode, null, 'SIGHUP does not stop the process')
+  server.child.kill('SIGTERM')
+  t.equal(await server.exited, 0, server.stderr)
 })
