@@ -5,7 +5,7 @@ import { dirname } from 'node:path'
 import type { Server as TlsServer, TLSSocket } from 'node:tls'
 import type { FastifyBaseLogger } from 'fastify'
 import { distrustPeer } from './identity.js'
-import { chainAnchoredIn, readTlsMaterial, reloadOptions } from './tls.js'
+import { chainAnchoredIn, checkTlsMaterial, readTlsFiles, reloadOptions, sameTlsBytes } from './tls.js'
 import type { TlsFiles, TlsMaterial } from './tls.js'
 
 export type ReloadResult = 'reloaded' | 'unchanged' | 'failed'
@@ -82,22 +82,24 @@ export class TlsReloader {
   }
 
   reload (trigger: string): ReloadResult {
+    const previous = this.#current
     let next: TlsMaterial
     try {
-      next = readTlsMaterial(this.#files)
+      const bytes = readTlsFiles(this.#files)
+      // Most file events (and a SIGHUP sent to be sure) change nothing: compare before parsing.
+      if (sameTlsBytes(bytes, previous)) {
+        this.#log.debug({ trigger }, 'TLS files unchanged')
+        this.#onResult('unchanged', previous)
+        return 'unchanged'
+      }
+      next = checkTlsMaterial(this.#files, bytes)
     } catch (err) {
       this.#log.error({ err, trigger }, 'TLS reload refused; still serving the previous certificate and client CA')
-      this.#onResult('failed', this.#current)
+      this.#onResult('failed', previous)
       return 'failed'
     } finally {
       // A symlink swap moves where the files really are; follow them.
       this.#rewatch()
-    }
-    const previous = this.#current
-    if (next.cert.equals(previous.cert) && next.key.equals(previous.key) && next.ca.equals(previous.ca)) {
-      this.#log.debug({ trigger }, 'TLS files unchanged')
-      this.#onResult('unchanged', previous)
-      return 'unchanged'
     }
     try {
       this.#server?.setSecureContext(reloadOptions(next))

@@ -24,8 +24,10 @@ export interface TlsMaterial {
 
 const PEM_CERT = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/
 
-// Throws an Error naming the file and what is wrong with it; never the key's bytes.
-export function readTlsMaterial (files: TlsFiles): TlsMaterial {
+export type TlsBytes = Pick<TlsMaterial, 'cert' | 'key' | 'ca'>
+
+// Errors name the file and what is wrong with it; never the key's bytes.
+export function readTlsFiles (files: TlsFiles): TlsBytes {
   const read = (file: string): Buffer => {
     try {
       return readFileSync(file)
@@ -33,9 +35,19 @@ export function readTlsMaterial (files: TlsFiles): TlsMaterial {
       throw new Error(`cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'})`, { cause: err })
     }
   }
-  const cert = read(files.certFile)
-  const key = read(files.keyFile)
-  const ca = read(files.clientCaFile)
+  return { cert: read(files.certFile), key: read(files.keyFile), ca: read(files.clientCaFile) }
+}
+
+export function readTlsMaterial (files: TlsFiles): TlsMaterial {
+  return checkTlsMaterial(files, readTlsFiles(files))
+}
+
+export function sameTlsBytes (a: TlsBytes, b: TlsBytes): boolean {
+  return a.cert.equals(b.cert) && a.key.equals(b.key) && a.ca.equals(b.ca)
+}
+
+export function checkTlsMaterial (files: TlsFiles, bytes: TlsBytes): TlsMaterial {
+  const { cert, key, ca } = bytes
   let serverCert: X509Certificate
   try {
     // The first block is the leaf; any after it are its chain.
@@ -69,7 +81,7 @@ export function readTlsMaterial (files: TlsFiles): TlsMaterial {
 
 // server.setSecureContext() resets every option it is not given, so the listener's
 // options and a reload's are built by this one function.
-function secureContextOptions (material: Pick<TlsMaterial, 'cert' | 'key' | 'ca'>) {
+function secureContextOptions (material: TlsBytes) {
   return { cert: material.cert, key: material.key, ca: material.ca, minVersion: 'TLSv1.2' } satisfies SecureContextOptions
 }
 
@@ -78,7 +90,7 @@ function secureContextOptions (material: Pick<TlsMaterial, 'cert' | 'key' | 'ca'
 // off so a missing or untrusted certificate gets a coded 401 problem instead of an alert
 // the browser shows as a bare connection error (nginx's `ssl_verify_client optional`).
 // gateway/identity.ts refuses every request on a socket that is not `authorized`.
-export function tlsOptions (material: Pick<TlsMaterial, 'cert' | 'key' | 'ca'>): GatewayTlsOptions {
+export function tlsOptions (material: TlsBytes): GatewayTlsOptions {
   return {
     ...secureContextOptions(material),
     requestCert: true,
