@@ -151,3 +151,27 @@ t.test('SIGHUP to the primary reloads the TLS files in every worker', async t =>
   server.child.kill('SIGTERM')
   t.equal(await server.exited, 0, server.stderr)
 })
+
+// Development without DATABASE_URL: the primary starts the embedded Postgres once and hands
+// its URL to the workers (rather than each worker racing to start its own), and stops it.
+t.test('with workers, the primary owns the embedded development Postgres', async t => {
+  const pki = await createPki(t)
+  const dir = t.testdir({
+    '.env': [
+      'NODE_ENV=development',
+      `TLS_CERT_FILE=${pki.certFile}`,
+      `TLS_KEY_FILE=${pki.keyFile}`,
+      `TLS_CLIENT_CA_FILE=${pki.caFile}`,
+      'EHR_UPSTREAM_URL=http://127.0.0.1:1/fhir',
+      'GATEWAY_PORT=0',
+      'OPS_PORT=0',
+      'GATEWAY_WORKERS=2'
+    ].join('\n')
+  })
+  const server = spawnServer(t, {}, dir)
+  t.equal(await server.exited, 1)
+  t.match(server.stderr, /DB_NOT_MIGRATED/, 'a worker reached the embedded database, unmigrated')
+  t.notMatch(server.stderr, /joining the embedded Postgres|EMBEDDED_DB/)
+  t.ok(existsSync(`${dir}/.data/postgres/PG_VERSION`), 'initialised in ./.data')
+  t.notOk(existsSync(`${dir}/.data/postgres.owner`), 'and the primary stopped it again')
+})
