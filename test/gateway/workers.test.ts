@@ -22,7 +22,7 @@ async function token (url: string, setup: ServerSetup): Promise<string> {
   return (JSON.parse(res.text) as { access_token: string }).access_token
 }
 
-// Every connection to one of `pids`: the access-log lines of the requests since `from`.
+// The pids that wrote access-log lines since line `from`.
 const servedBy = (server: ServerProcess, from: number): Set<unknown> =>
   new Set(server.lines.slice(from).filter(isMsg('request')).map(l => l['pid']))
 
@@ -36,6 +36,8 @@ t.test('GATEWAY_WORKERS=2: two workers serve, a killed one is replaced, SIGTERM 
   const server = spawnServer(t, { ...setup.env, GATEWAY_WORKERS: '2' })
   const ready = await server.line(isMsg('ehr-gateway ready'), 'the primary to be ready')
   const url = gatewayUrl(ready)
+  // Worker log lines travel apart from the IPC message that made the primary say ready.
+  await server.line(() => server.lines.filter(isMsg('worker ready')).length === 2, 'both workers to log ready')
   const workers = server.lines.filter(isMsg('worker ready')).map(l => l['pid'])
   t.equal(new Set(workers).size, 2, 'two worker processes, each logging its pid')
   t.same(new Set(ready['workers'] as unknown[]), new Set(workers), 'the primary names them')
@@ -51,7 +53,7 @@ t.test('GATEWAY_WORKERS=2: two workers serve, a killed one is replaced, SIGTERM 
     const res = await once(url, setup, '/fhir/Patient/1', { headers: { authorization: `Bearer ${bearer}` } })
     t.equal(res.status, 200, 'a token from one worker is good on every worker')
   }
-  await new Promise(resolve => setTimeout(resolve, 100))
+  await server.line(() => servedBy(server, from).size === 2, 'access-log lines of both workers').catch(() => {})
   t.same(servedBy(server, from), new Set(workers), 'both workers served requests')
 
   // The primary answers the ops listener for all of them: one aggregated scrape.
@@ -74,7 +76,7 @@ t.test('GATEWAY_WORKERS=2: two workers serve, a killed one is replaced, SIGTERM 
   t.notOk(workers.includes(replacement['worker']), 'a new process')
   from = server.lines.length
   for (let i = 0; i < 4; i++) t.equal((await once(url, setup, '/fhir/Patient/3', { headers: { authorization: `Bearer ${bearer}` } })).status, 200)
-  await new Promise(resolve => setTimeout(resolve, 100))
+  await server.line(() => servedBy(server, from).has(replacement['worker']), 'the replacement\'s access-log lines').catch(() => {})
   t.ok(servedBy(server, from).has(replacement['worker']), 'the replacement serves')
   const after = await (await request(`${ops}/metrics`)).body.text()
   t.equal(sample(after, /^ehr_gateway_worker_restarts_total (\d+)$/m), 1)
