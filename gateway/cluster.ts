@@ -173,18 +173,17 @@ export async function runPrimary (config: GatewayConfig): Promise<void> {
     // stderr; the others would fail alike, so the start fails instead of looping.
     const gateway = await new Promise<string>((resolve, reject) => {
       let readyCount = 0
-      let url = ''
-      for (const w of workers) {
-        const failed = (code: number | null): void => {
-          reject(new Error(`worker ${w.process.pid ?? '?'} exited with code ${String(code)} before it was ready (its error is above)`))
-        }
-        w.once('exit', failed)
+      const failures = workers.map(w => (code: number | null): void => {
+        reject(new Error(`worker ${w.process.pid ?? '?'} exited with code ${String(code)} during the start (its error is above)`))
+      })
+      workers.forEach((w, i) => {
+        w.once('exit', failures[i] as (code: number | null) => void)
         w.once('gateway-ready', (listening: string) => {
-          w.off('exit', failed)
-          url = listening
-          if (++readyCount === workers.length) resolve(url)
+          if (++readyCount < workers.length) return
+          workers.forEach((other, j) => { other.off('exit', failures[j] as (code: number | null) => void) })
+          resolve(listening)
         })
-      }
+      })
     })
     cluster.on('exit', onExit)
     log.info({ gateway, ops: opsListening, workers: workers.map(w => w.process.pid) }, 'ehr-gateway ready')

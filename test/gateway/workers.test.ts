@@ -104,7 +104,7 @@ t.test('a worker that cannot start fails the whole start instead of looping', as
   const server = spawnServer(t, { ...setup.env, GATEWAY_WORKERS: '2', TLS_KEY_FILE: setup.pki.caFile.replace(/ca\.crt$/, 'ca.key') })
   t.equal(await server.exited, 1)
   t.match(server.stderr, /is not the key of the certificate/, 'the worker said why')
-  t.match(server.stderr, /exited with code 1 before it was ready/)
+  t.match(server.stderr, /exited with code 1 during the start/)
   t.notOk(server.lines.some(isMsg('worker exited unexpectedly; starting a replacement')))
 })
 
