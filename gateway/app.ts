@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto'
+import type { X509Certificate } from 'node:crypto'
 import { STATUS_CODES } from 'node:http'
 import type { Server as TlsServer } from 'node:tls'
 import cors from '@fastify/cors'
@@ -123,6 +124,14 @@ function sendProblem (err: GatewayError, request: FastifyRequest, reply: Fastify
     .headers(err.headers)
     .type(oauth && isOAuthFormRequest(request) ? 'application/json' : 'application/problem+json')
     .send(oauth ? { ...oauthError(err), ...toProblem(err, request.id) } : toProblem(err, request.id))
+}
+
+// The CAs forwarded client certificates are checked against: the reloader's current ones,
+// or (fixed deps.tls) the given bundle, parsed once when first needed.
+function caBundle (reloader: TlsReloader | null, parse: () => X509Certificate[]): () => readonly X509Certificate[] {
+  if (reloader !== null) return () => reloader.clientCas
+  let parsed: X509Certificate[] | undefined
+  return () => (parsed ??= parse())
 }
 
 // The gateway as a Fastify instance that never listens by itself (STYLE §1): gateway/server.ts
@@ -275,7 +284,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   // and the limit counts the forwarded machine, not the proxy.
   app.addHook('onRequest', resolveForwardedPeer({
     trustedProxies: config.gateway.trustedProxies,
-    caBundle: () => parseCaBundle(tls.ca.toString('utf8'), config.tls.clientCaFile),
+    caBundle: caBundle(reloader, () => parseCaBundle(tls.ca.toString('utf8'), config.tls.clientCaFile)),
     now: clock
   }))
   // No CORS_ORIGINS, no CORS: same-origin frontends need none. Helmet's

@@ -66,7 +66,8 @@ export function rateLimitKey (request: FastifyRequest): string {
 
 export interface ForwardedOptions {
   readonly trustedProxies: readonly string[]
-  // TLS_CLIENT_CA_FILE, parsed only when there are trusted proxies.
+  // The client CAs of TLS_CLIENT_CA_FILE trusted now (asked per forwarded certificate, so a
+  // reload applies); parsed only when there are trusted proxies.
   readonly caBundle: () => readonly X509Certificate[]
   readonly now: () => number
 }
@@ -77,7 +78,7 @@ export interface ForwardedOptions {
 // hop); from anyone else such a header is a spoofing attempt, refused before any lookup.
 export function resolveForwardedPeer (options: ForwardedOptions) {
   const trusted = trustedPeers(options.trustedProxies)
-  const forwarded = options.trustedProxies.length === 0 ? undefined : new ForwardedCertificates(options.caBundle(), options.now)
+  const forwarded = options.trustedProxies.length === 0 ? undefined : new ForwardedCertificates(options.caBundle, options.now)
   return async function forwardedPeer (request: FastifyRequest): Promise<void> {
     const headers = request.headers
     let found: { name: typeof CERT_HEADERS[number], value: string } | undefined

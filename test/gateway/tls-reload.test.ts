@@ -243,3 +243,22 @@ t.test('reload() re-reads on demand; close() stops watching', async t => {
   t.equal(reloader.reload('SIGHUP'), 'reloaded')
   t.match(gw.logs.filter(l => l.includes(RELOADED)).at(-1), /"trigger":"SIGHUP"/)
 })
+
+// Certificates forwarded by a trusted proxy are checked against the CA bundle in code
+// (gateway/forwarded.ts); a reload reaches that check too, in both directions.
+t.test('a reloaded CA bundle also decides forwarded client certificates', async t => {
+  const { pki, volume, server } = await k8sPki(t)
+  const gw = await startGateway(t, { pki, env: { TRUSTED_PROXIES: '127.0.0.1/32' } })
+  const otherCa = await createDevCa({ commonName: 'second hospital CA' })
+  const { pair } = await gw.register('ws-behind-lb-other-ca', await otherCa.issueClient({ commonName: 'ws-behind-lb-other-ca' }))
+  const proxy = gw.agent()
+  const forwarded = { 'x-ssl-client-cert': encodeURIComponent(pair.cert) }
+
+  assertProblem(t, await gw.call(proxy, '/v1/token', { method: 'POST', headers: forwarded }), 401, 'CLIENT_CERT_UNTRUSTED')
+  await volume.update({ 'tls.crt': server.cert, 'tls.key': server.key, 'ca.crt': pki.ca.cert + otherCa.cert })
+  await waitFor('the CA reload', () => reloads(gw, RELOADED) === 1)
+  t.equal((await gw.call(proxy, '/v1/token', { method: 'POST', headers: forwarded })).status, 200, 'admitted once its CA is trusted')
+  await volume.update({ 'tls.crt': server.cert, 'tls.key': server.key, 'ca.crt': pki.ca.cert })
+  await waitFor('the CA removal', () => reloads(gw, RELOADED) === 2)
+  assertProblem(t, await gw.call(proxy, '/v1/token', { method: 'POST', headers: forwarded }), 401, 'CLIENT_CERT_UNTRUSTED')
+})
