@@ -1,5 +1,7 @@
 import { randomUUID } from 'node:crypto'
+import type { X509Certificate } from 'node:crypto'
 import { STATUS_CODES } from 'node:http'
+import type { Server as TlsServer } from 'node:tls'
 import cors from '@fastify/cors'
 import rateLimit from '@fastify/rate-limit'
 import Fastify, { LogController } from 'fastify'
@@ -29,8 +31,9 @@ import { wellKnownRoutes } from './routes/well-known.js'
 import { SECURITY_HEADERS } from './security-headers.js'
 import { SharedLimits } from './shared-limits.js'
 import { SigningKeys } from './signing-keys.js'
-import { loadTlsOptions } from './tls.js'
-import type { GatewayTlsOptions } from './tls.js'
+import { readTlsMaterial, tlsOptions } from './tls.js'
+import type { GatewayTlsOptions, TlsMaterial } from './tls.js'
+import { TlsReloader } from './tls-reload.js'
 import { TokenService, tokenEncryptionKey } from './tokens.js'
 import type { UpstreamDispatcher } from './upstream.js'
 
@@ -41,6 +44,7 @@ export interface GatewayDeps {
   readonly clock?: () => number
   // Where pino writes (stdout when absent); anything with pino's DestinationStream shape.
   readonly logStream?: { write (line: string): unknown }
+  // Fixed TLS options instead of the configured files (then nothing is reloaded).
   readonly tls?: GatewayTlsOptions
   // The gateway writes its own audit trail to `sql`; only a benchmark measuring what that
   // costs passes another sink (there is no setting that turns auditing off).
@@ -55,6 +59,8 @@ export interface GatewayParts {
   readonly replay: ReplayStore
   readonly metrics: Metrics
   readonly audit: AuditSink
+  // Reloads the TLS files (on file changes and SIGHUP); null with fixed deps.tls options.
+  readonly tls: TlsReloader | null
 }
 
 declare module 'fastify' {
@@ -127,11 +133,20 @@ function sendProblem (err: GatewayError, request: FastifyRequest, reply: Fastify
     .send(oauth ? { ...oauthError(err), ...toProblem(err, request.id) } : toProblem(err, request.id))
 }
 
+// The CAs forwarded client certificates are checked against: the reloader's current ones,
+// or (fixed deps.tls) the given bundle, parsed once when first needed.
+function caBundle (reloader: TlsReloader | null, parse: () => X509Certificate[]): () => readonly X509Certificate[] {
+  if (reloader !== null) return () => reloader.clientCas
+  let parsed: X509Certificate[] | undefined
+  return () => (parsed ??= parse())
+}
+
 // The gateway as a Fastify instance that never listens by itself (STYLE §1): gateway/server.ts
 // owns the process, tests listen on port 0.
 export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): Promise<FastifyInstance> {
   const clock = deps.clock ?? Date.now
-  const tls = deps.tls ?? loadTlsOptions(config)
+  const material: TlsMaterial | undefined = deps.tls === undefined ? readTlsMaterial(config.tls) : undefined
+  const tls = deps.tls ?? tlsOptions(material as TlsMaterial)
   const app = Fastify({
     https: tls,
     trustProxy: config.gateway.trustedProxies.length > 0 ? [...config.gateway.trustedProxies] : false,
@@ -169,6 +184,19 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   const metricSources: MetricSources = {}
   const metrics = createMetrics(metricSources)
   metricSources.upstreamPool = () => deps.upstream.stats
+  let reloader: TlsReloader | null = null
+  if (material !== undefined) {
+    const expiry = (m: TlsMaterial): void => { metrics.tlsCertificateExpiry.set(Date.parse(m.serverCert.validTo) / 1000) }
+    expiry(material)
+    reloader = new TlsReloader({
+      files: config.tls,
+      initial: material,
+      log: app.log,
+      onResult: (result, current) => { metrics.tlsReloads.inc({ result }); expiry(current) }
+    })
+    reloader.attach(app.server as unknown as TlsServer)
+    reloader.watch()
+  }
   const registry = new MachineRegistry(deps.sql, { ttlMs: config.registry.cacheTtlMs, now: clock })
   const keys = new SigningKeys(deps.sql, {
     kek: keyEncryptionKeyBytes(config.tokens.keyEncryptionKey),
@@ -181,6 +209,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     onCleanupError: err => { app.log.error({ err }, 'deleting expired replay entries failed; retrying on the next tick') }
   })
   const stopListening = async (): Promise<void> => {
+    reloader?.close()
     replay.close()
     await registry.close()
     await keys.close()
@@ -212,7 +241,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   const kek = keyEncryptionKeyBytes(config.tokens.keyEncryptionKey)
   const tokens = new TokenService(keys, config.tokens, clock, tokenEncryptionKey(kek))
   const possession = new Possession(config, replay, config.dpop.nonce ? new DpopNonces(kek, clock) : undefined, clock)
-  app.decorate('gateway', { registry, keys, tokens, possession, replay, metrics, audit })
+  app.decorate('gateway', { registry, keys, tokens, possession, replay, metrics, audit, tls: reloader })
   app.decorateRequest('machine', null)
   app.decorateRequest('certThumbprint', null)
   app.decorateRequest('tokenId', null)
@@ -277,7 +306,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   // and the limit counts the forwarded machine, not the proxy.
   app.addHook('onRequest', resolveForwardedPeer({
     trustedProxies: config.gateway.trustedProxies,
-    caBundle: () => parseCaBundle(tls.ca.toString('utf8'), config.tls.clientCaFile),
+    caBundle: caBundle(reloader, () => parseCaBundle(tls.ca.toString('utf8'), config.tls.clientCaFile)),
     now: clock
   }))
   // No CORS_ORIGINS, no CORS: same-origin frontends need none. Helmet's

@@ -110,16 +110,24 @@ export type PeerVerdict = { readonly thumbprint: string } | { readonly error: Ga
 // every request of one workstation, so results are kept by header value (bounded, as the
 // values come from many clients over one connection). Validity is re-checked per request.
 export class ForwardedCertificates {
-  readonly #ca: readonly X509Certificate[]
+  readonly #caBundle: () => readonly X509Certificate[]
+  #ca: readonly X509Certificate[] | undefined
   readonly #now: () => number
   readonly #cache = new Lru<string, Parsed>(2048)
 
-  constructor (caBundle: readonly X509Certificate[], now: () => number) {
-    this.#ca = caBundle
+  // caBundle: the client CAs trusted now; a TLS reload (gateway/tls-reload.ts) hands out a
+  // new array, and verdicts reached under the previous one are dropped.
+  constructor (caBundle: () => readonly X509Certificate[], now: () => number) {
+    this.#caBundle = caBundle
     this.#now = now
   }
 
   verdict (header: typeof CERT_HEADERS[number], value: string): PeerVerdict {
+    const ca = this.#caBundle()
+    if (ca !== this.#ca) {
+      this.#ca = ca
+      this.#cache.clear()
+    }
     const key = `${header}\n${value}`
     let parsed = this.#cache.get(key)
     if (parsed === undefined) {
@@ -145,7 +153,7 @@ export class ForwardedCertificates {
     }
     let x509: X509Certificate
     try {
-      x509 = checkMachineCertificate(pem, header, this.#ca, new Date(this.#now())).x509
+      x509 = checkMachineCertificate(pem, header, this.#ca ?? [], new Date(this.#now())).x509
     } catch (err) {
       const code = (err as GatewayError).code
       if (code === 'CERT_NOT_PEM') return { error: new GatewayError('FORWARDED_HEADER_INVALID', [header, 'not one URL-encoded PEM certificate'], { cause: err }) }

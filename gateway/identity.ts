@@ -49,6 +49,13 @@ function socketVerdict (socket: TLSSocket): PeerVerdict {
   return verdict
 }
 
+// The client CA bundle was reloaded without the CA this connection's certificate chains to
+// (gateway/tls-reload.ts): its requests are refused from now on, like those of a machine
+// revoked under an open connection, while the connection itself stays up.
+export function distrustPeer (socket: TLSSocket, reason: string): void {
+  verdicts.set(socket, { error: new GatewayError('CLIENT_CERT_UNTRUSTED', [reason]) })
+}
+
 // The rate-limit key: the client certificate's fingerprint when the handshake (or a trusted
 // proxy's header) gave a verified one, else the client address. Cheap (cached per socket) and known before any database lookup,
 // so refused requests count against the limit too.
@@ -66,7 +73,8 @@ export function presentedThumbprint (request: FastifyRequest): string | null {
 
 export interface ForwardedOptions {
   readonly trustedProxies: readonly string[]
-  // TLS_CLIENT_CA_FILE, parsed only when there are trusted proxies.
+  // The client CAs of TLS_CLIENT_CA_FILE trusted now (asked per forwarded certificate, so a
+  // reload applies); parsed only when there are trusted proxies.
   readonly caBundle: () => readonly X509Certificate[]
   readonly now: () => number
 }
@@ -77,7 +85,7 @@ export interface ForwardedOptions {
 // hop); from anyone else such a header is a spoofing attempt, refused before any lookup.
 export function resolveForwardedPeer (options: ForwardedOptions) {
   const trusted = trustedPeers(options.trustedProxies)
-  const forwarded = options.trustedProxies.length === 0 ? undefined : new ForwardedCertificates(options.caBundle(), options.now)
+  const forwarded = options.trustedProxies.length === 0 ? undefined : new ForwardedCertificates(options.caBundle, options.now)
   return async function forwardedPeer (request: FastifyRequest): Promise<void> {
     const headers = request.headers
     let found: { name: typeof CERT_HEADERS[number], value: string } | undefined

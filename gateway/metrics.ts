@@ -122,9 +122,23 @@ export function createMetrics (sources: MetricSources = {}) {
     help: 'Requests refused with AUDIT_UNAVAILABLE because the audit buffer was full',
     registers: [registry]
   })
+  const tlsReloads = new Counter({
+    name: 'ehr_gateway_tls_reloads_total',
+    help: 'Reloads of the TLS certificate, key and client CA, by result (reloaded, unchanged, failed: the previous files stay in use)',
+    labelNames: ['result'] as const,
+    registers: [registry]
+  })
+  const tlsCertificateExpiry = new Gauge({
+    name: 'ehr_gateway_tls_certificate_expiry_timestamp_seconds',
+    help: 'notAfter of the server certificate being served, in seconds since the epoch',
+    registers: [registry],
+    // The same certificate in every worker: report it once, not summed over workers.
+    aggregator: 'max'
+  })
   return {
     registry, requests, duration, upstreamDuration, tokensIssued, tokensRefused, registryLookups,
-    upstreamTokenFetches, rateLimitFallback, rateLimitRedisUp, auditWriteDuration, auditRowsWritten, auditWriteFailures, auditRowsUnwritten, auditRefusals
+    upstreamTokenFetches, rateLimitFallback, rateLimitRedisUp, auditWriteDuration, auditRowsWritten,
+    auditWriteFailures, auditRowsUnwritten, auditRefusals, tlsReloads, tlsCertificateExpiry
   }
 }
 

@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { hostname } from 'node:os'
+import { availableParallelism, hostname } from 'node:os'
 import { resolve } from 'node:path'
 import { isIPv4, isIPv6 } from 'node:net'
 import { parseEnv } from 'node:util'
@@ -60,14 +60,13 @@ const schema = {
     AUDIT_FLUSH_INTERVAL_MS: { type: 'integer', minimum: 1, maximum: 60_000, default: 200 },
     AUDIT_CLOSE_TIMEOUT_MS: { type: 'integer', minimum: 0, default: 10_000 },
     LOG_LEVEL: { type: 'string', enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
+    GATEWAY_WORKERS: { type: 'string', default: '1' },
     TOKEN_REQUIRE_DPOP: { type: 'string', enum: BOOLEAN, default: 'false' },
     TOKEN_SINGLE_USE: { type: 'string', enum: BOOLEAN, default: 'false' },
     TOKEN_ENCRYPT: { type: 'string', enum: BOOLEAN, default: 'false' },
     GATEWAY_PUBLIC_URL: { type: 'string', pattern: '^https?://' },
     DPOP_MAX_AGE_SECONDS: { type: 'integer', minimum: 1, maximum: 600, default: 60 },
     DPOP_NONCE: { type: 'string', enum: BOOLEAN, default: 'false' },
-    // Contract variables whose features land in later releases; see NOT_YET_SUPPORTED.
-    GATEWAY_WORKERS: { type: 'string' },
     // Upstream token sources (shared/upstream-auth-config.ts checks the combinations).
     GOOGLE_OAUTH_CLIENT_ID: { type: 'string' },
     GOOGLE_OAUTH_CLIENT_SECRET: { type: 'string' },
@@ -102,12 +101,8 @@ export const FILE_SECRETS = [
   'GOOGLE_OAUTH_REFRESH_TOKEN'
 ] as const
 
-// Setting one of these and having it silently ignored would give a false sense of
-// capacity (GATEWAY_WORKERS: one process where several were asked for), so they are
-// refused until the release that implements them.
-const NOT_YET_SUPPORTED = [
-  'GATEWAY_WORKERS'
-] as const
+// More workers than this only multiply database connections (DATABASE_POOL_MAX each).
+const MAX_WORKERS = 64
 
 // What a caller is about to do decides which variables must be present.
 export type Need = 'database' | 'clientCa' | 'serverTls' | 'upstream' | 'tokenKeys'
@@ -131,6 +126,8 @@ export interface Config {
     // Scheme, host, port and base path clients address (a DPoP proof's htu, RFC 9449 §4.3),
     // which behind a load balancer is not the listener's; no trailing slash.
     readonly publicUrl: string
+    // processes serving the listeners; 1 = no cluster, the process serves by itself
+    readonly workers: number
   }
   readonly ops: { readonly host: string, readonly port: number }
   readonly tls: {
@@ -347,15 +344,6 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
   const nodeEnv = (str('NODE_ENV') ?? 'development') as NodeEnv
   const production = nodeEnv === 'production'
 
-  for (const name of NOT_YET_SUPPORTED) {
-    const value = str(name)
-    // The default values of these variables ask for nothing new, so they may stay set.
-    const harmless = name === 'GATEWAY_WORKERS' ? ['1'] : ['false', '0']
-    if (value !== undefined && !harmless.includes(value.toLowerCase())) {
-      problems.push({ variable: name, message: 'is not supported by this release of ehr-gateway; unset it' })
-    }
-  }
-
   const requireVar = (need: Need, variable: string, why?: string): void => {
     if (needs.has(need) && str(variable) === undefined) {
       problems.push({ variable, message: why ?? 'is required' })
@@ -434,6 +422,12 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
     problems.push({ variable: 'TOKEN_ISSUER', message: 'is required in production when GATEWAY_HOST is a wildcard: the public https URL clients use' })
   }
 
+  const workersRaw = (str('GATEWAY_WORKERS') ?? '1').trim().toLowerCase()
+  const workers = workersRaw === 'auto' ? availableParallelism() : /^[1-9][0-9]*$/.test(workersRaw) ? Number(workersRaw) : 0
+  if (workers < 1 || (workersRaw !== 'auto' && workers > MAX_WORKERS)) {
+    problems.push({ variable: 'GATEWAY_WORKERS', message: `must be a whole number from 1 to ${MAX_WORKERS}, or auto (one per core)` })
+  }
+
   if (problems.length > 0) throw new ConfigError(problems)
 
   const gatewayHost = str('GATEWAY_HOST') ?? '0.0.0.0'
@@ -458,7 +452,8 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
       trustedProxies,
       bodyLimitBytes: num('BODY_LIMIT_BYTES'),
       shutdownGraceMs: num('SHUTDOWN_GRACE_MS'),
-      publicUrl: baseUrl(str('GATEWAY_PUBLIC_URL') ?? issuer)
+      publicUrl: baseUrl(str('GATEWAY_PUBLIC_URL') ?? issuer),
+      workers
     },
     ops: { host: str('OPS_HOST') ?? '127.0.0.1', port: num('OPS_PORT') },
     tls: {

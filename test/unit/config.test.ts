@@ -129,6 +129,18 @@ t.test('proof-of-possession switches, DPoP window and the public URL', async t =
   t.ok(problems(() => loadGatewayConfig({ ...full, GATEWAY_PUBLIC_URL: 'https://' }))['GATEWAY_PUBLIC_URL'])
 })
 
+t.test('GATEWAY_WORKERS: a whole number from 1 to 64, or auto', async t => {
+  const { availableParallelism } = await import('node:os')
+  t.equal(loadGatewayConfig(full).gateway.workers, 1, 'default: one process, no cluster')
+  t.equal(loadGatewayConfig({ ...full, GATEWAY_WORKERS: '4' }).gateway.workers, 4)
+  t.equal(loadGatewayConfig({ ...full, GATEWAY_WORKERS: '64' }).gateway.workers, 64)
+  t.equal(loadGatewayConfig({ ...full, GATEWAY_WORKERS: 'auto' }).gateway.workers, availableParallelism())
+  t.equal(loadGatewayConfig({ ...full, GATEWAY_WORKERS: ' AUTO ' }).gateway.workers, availableParallelism())
+  for (const bad of ['0', '-1', '65', 'two', '1.5', '2x', '08']) {
+    t.match(problems(() => loadGatewayConfig({ ...full, GATEWAY_WORKERS: bad }))['GATEWAY_WORKERS'], /whole number from 1 to 64, or auto/, bad)
+  }
+})
+
 t.test('upstream URL and proxy prefix shapes', async t => {
   t.ok(problems(() => loadGatewayConfig({ ...full, EHR_UPSTREAM_URL: 'https://user:pw@ehr.example/fhir' }))['EHR_UPSTREAM_URL'])
   t.ok(problems(() => loadGatewayConfig({ ...full, EHR_UPSTREAM_URL: 'https://ehr.example/fhir?key=1' }))['EHR_UPSTREAM_URL'])
