@@ -403,8 +403,20 @@ http {
       const direct = await fixed(upstreamOrigin, {}, false)
       const gw = await fixed(bearer.origin, { authorization: `Bearer ${token}` }, true)
       const added = { p50: ms(gw, 50) - ms(direct, 50), p99: ms(gw, 99) - ms(direct, 99) }
-      extras['fixedRate'] = { rate: fixedRate, seconds: fixedSeconds, direct: { p50: ms(direct, 50), p99: ms(direct, 99) }, gateway: { p50: ms(gw, 50), p99: ms(gw, 99) }, added }
+      // The plain proxy at the same rate tells what mutual TLS and a Node proxy cost by
+      // themselves (the direct row has neither), so the gateway's own share is visible.
+      const plainTarget = live.find(row => row.spec.id === 'fastify-proxy')?.target
+      const plain = plainTarget === undefined ? undefined : await fixed(plainTarget.origin, {}, true)
+      extras['fixedRate'] = {
+        rate: fixedRate,
+        seconds: fixedSeconds,
+        direct: { p50: ms(direct, 50), p99: ms(direct, 99) },
+        gateway: { p50: ms(gw, 50), p99: ms(gw, 99) },
+        ...(plain === undefined ? {} : { plainProxy: { p50: ms(plain, 50), p99: ms(plain, 99) } }),
+        added
+      }
       console.log(`fixed rate ${fixedRate} req/s for ${fixedSeconds}s (latency from intended send time): direct p50 ${ms(direct, 50).toFixed(2)} / p99 ${ms(direct, 99).toFixed(2)} ms; gateway p50 ${ms(gw, 50).toFixed(2)} / p99 ${ms(gw, 99).toFixed(2)} ms; added p50 ${added.p50.toFixed(2)} / p99 ${added.p99.toFixed(2)} ms`)
+      if (plain !== undefined) console.log(`  same rate through @fastify/http-proxy over mTLS: p50 ${ms(plain, 50).toFixed(2)} / p99 ${ms(plain, 99).toFixed(2)} ms`)
 
       extras['revocation'] = await revocation()
     }
