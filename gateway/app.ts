@@ -306,6 +306,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   // and the limit counts the forwarded machine, not the proxy.
   app.addHook('onRequest', resolveForwardedPeer({
     trustedProxies: config.gateway.trustedProxies,
+    certHeader: config.gateway.forwardedCertHeader,
     caBundle: caBundle(reloader, () => parseCaBundle(tls.ca.toString('utf8'), config.tls.clientCaFile)),
     now: clock
   }))

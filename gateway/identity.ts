@@ -73,6 +73,9 @@ export function presentedThumbprint (request: FastifyRequest): string | null {
 
 export interface ForwardedOptions {
   readonly trustedProxies: readonly string[]
+  // Only this header is believed, even from a trusted proxy: a proxy sanitises the header it
+  // sets, not the other one (Envoy's SANITIZE_SET passes a client's X-SSL-Client-Cert on).
+  readonly certHeader: typeof CERT_HEADERS[number]
   // The client CAs of TLS_CLIENT_CA_FILE trusted now (asked per forwarded certificate, so a
   // reload applies); parsed only when there are trusted proxies.
   readonly caBundle: () => readonly X509Certificate[]
@@ -94,13 +97,9 @@ export function resolveForwardedPeer (options: ForwardedOptions) {
       const raw = headers[name]
       if (raw === undefined) continue
       fromProxy ??= trusted(request.raw.socket.remoteAddress)
-      if (!fromProxy) {
+      if (!fromProxy || name !== options.certHeader) {
         request.log.warn({ header: name, remoteAddress: request.raw.socket.remoteAddress }, 'client-certificate header from an untrusted peer refused')
         throw new GatewayError('FORWARDED_HEADER_UNTRUSTED', [name])
-      }
-      if (found !== undefined) {
-        request.forwardedPeer = { error: new GatewayError('FORWARDED_HEADER_INVALID', [name, `sent together with ${found.name}`]) }
-        return
       }
       found = { name, value: Array.isArray(raw) ? raw.join(', ') : raw }
     }

@@ -32,6 +32,7 @@ const schema = {
     TLS_KEY_FILE: { type: 'string', minLength: 1 },
     TLS_CLIENT_CA_FILE: { type: 'string', minLength: 1 },
     TRUSTED_PROXIES: { type: 'string', default: '' },
+    FORWARDED_CERT_HEADER: { type: 'string', enum: ['x-forwarded-client-cert', 'x-ssl-client-cert'], default: 'x-forwarded-client-cert' },
     EHR_UPSTREAM_URL: { type: 'string', pattern: '^https?://' },
     PROXY_PREFIX: { type: 'string', pattern: '^/[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$', default: '/fhir' },
     EHR_API_KEY: { type: 'string', minLength: 1 },
@@ -121,6 +122,8 @@ export interface Config {
     readonly host: string
     readonly port: number
     readonly trustedProxies: readonly string[]
+    // The one client-certificate header the trusted proxies set (and sanitise).
+    readonly forwardedCertHeader: 'x-forwarded-client-cert' | 'x-ssl-client-cert'
     readonly bodyLimitBytes: number
     readonly shutdownGraceMs: number
     // Scheme, host, port and base path clients address (a DPoP proof's htu, RFC 9449 §4.3),
@@ -450,6 +453,7 @@ export function loadConfig (env: Env, options: LoadOptions = {}): Config {
       host: gatewayHost,
       port: gatewayPort,
       trustedProxies,
+      forwardedCertHeader: str('FORWARDED_CERT_HEADER') === 'x-ssl-client-cert' ? 'x-ssl-client-cert' : 'x-forwarded-client-cert',
       bodyLimitBytes: num('BODY_LIMIT_BYTES'),
       shutdownGraceMs: num('SHUTDOWN_GRACE_MS'),
       publicUrl: baseUrl(str('GATEWAY_PUBLIC_URL') ?? issuer),

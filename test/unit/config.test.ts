@@ -198,3 +198,9 @@ t.test('CORS_ORIGINS: exact origins only, never a wildcard', async t => {
   t.match(problems(() => loadGatewayConfig({ ...production, CORS_ORIGINS: 'http://frontend.example' }))['CORS_ORIGINS'], /https/)
   t.same(problems(() => loadGatewayConfig({ ...production, CORS_ORIGINS: 'https://frontend.example,http://localhost:3000' })), {})
 })
+
+t.test('FORWARDED_CERT_HEADER: one of the two headers, Envoy\'s by default', async t => {
+  t.equal(loadGatewayConfig(full).gateway.forwardedCertHeader, 'x-forwarded-client-cert')
+  t.equal(loadGatewayConfig({ ...full, FORWARDED_CERT_HEADER: 'x-ssl-client-cert' }).gateway.forwardedCertHeader, 'x-ssl-client-cert')
+  t.ok(problems(() => loadGatewayConfig({ ...full, FORWARDED_CERT_HEADER: 'x-client-cert' }))['FORWARDED_CERT_HEADER'], 'anything else refused by name')
+})
