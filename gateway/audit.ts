@@ -232,7 +232,7 @@ interface AuditHookOptions {
 }
 
 export interface AuditHooks {
-  readonly onRequest: (request: FastifyRequest) => Promise<void>
+  readonly onRequest: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
   readonly onResponse: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
   readonly onRequestAbort: (request: FastifyRequest) => Promise<void>
 }
@@ -281,13 +281,23 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
   }
 
   return {
-    async onRequest (request) {
+    async onRequest (request, reply) {
       request.auditBytesWritten = request.raw.socket.bytesWritten
       request.auditStarted = performance.now()
       if (!sink.admit()) {
         request.audited = true
         throw new GatewayError('AUDIT_UNAVAILABLE', [], { headers: { 'retry-after': '5' } })
       }
+      // A response destroyed mid-body after the request body was read (client gone, upstream
+      // body failed) fires neither onResponse nor onRequestAbort, only 'close'; the EHR may
+      // have served or changed data all the same.
+      reply.raw.once('close', () => {
+        if (request.audited || reply.raw.writableFinished) return
+        request.audited = true
+        const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
+        const status = reply.raw.headersSent ? reply.statusCode : 499
+        sink.record(row(request, status, request.errorCode ?? 'CLIENT_CLOSED_REQUEST', performance.now() - request.auditStarted, bytesOut))
+      })
     },
     async onResponse (request, reply) {
       if (request.audited) return

@@ -312,3 +312,25 @@ t.test('a client that leaves before the answer still leaves one row (499)', asyn
   t.equal(left.length, 1, 'exactly one row')
   t.match(left[0], { status: 499, errorCode: 'CLIENT_CLOSED_REQUEST', machineName: 'ws-leaves', resourceId: 'slow' })
 })
+
+// Review finding: a POST whose body was read, its answer cut mid-stream, fired neither
+// onResponse nor onRequestAbort, so the EHR served (or changed) data with no row.
+t.test('an answer cut mid-body after the request body was read still leaves one row', async t => {
+  const gw = await startGateway(t, { env: { AUDIT_FLUSH_INTERVAL_MS: '5' } })
+  const { agent, auth } = await ready(gw, 'ws-cut')
+  gw.upstream.setHandler(async (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/fhir+json' })
+    res.write('{"resourceType":"Bundle","entry":[' + ' '.repeat(64 * 1024))
+    await sleep(50)
+    res.destroy()
+  })
+  const res = await request(`${gw.url}/fhir/Patient/_search`, {
+    dispatcher: agent, method: 'POST', headers: { ...auth, 'content-type': 'application/x-www-form-urlencoded' }, body: 'name=Jane'
+  })
+  t.equal(res.statusCode, 200, 'the headers and part of the body went out')
+  await t.rejects(res.body.text(), 'then the body was cut')
+  await gw.app.close()
+  const cut = (await rows(gw)).filter(r => r.path === '/fhir/Patient/_search')
+  t.equal(cut.length, 1, 'exactly one row')
+  t.match(cut[0], { method: 'POST', status: 200, machineName: 'ws-cut', queryParams: [] })
+})
