@@ -248,7 +248,7 @@ t.test('reload() re-reads on demand; close() stops watching', async t => {
 // (gateway/forwarded.ts); a reload reaches that check too, in both directions.
 t.test('a reloaded CA bundle also decides forwarded client certificates', async t => {
   const { pki, volume, server } = await k8sPki(t)
-  const gw = await startGateway(t, { pki, env: { TRUSTED_PROXIES: '127.0.0.1/32' } })
+  const gw = await startGateway(t, { pki, env: { TRUSTED_PROXIES: '127.0.0.1/32', FORWARDED_CERT_HEADER: 'x-ssl-client-cert' } })
   const otherCa = await createDevCa({ commonName: 'second hospital CA' })
   const { pair } = await gw.register('ws-behind-lb-other-ca', await otherCa.issueClient({ commonName: 'ws-behind-lb-other-ca' }))
   const proxy = gw.agent()
