@@ -83,9 +83,10 @@ export interface ForwardedOptions {
 }
 
 // onRequest hook, before the rate limit: which certificate is this request's? From a peer in
-// TRUSTED_PROXIES, the one its forwarded-certificate header names (and the client IP from
+// TRUSTED_PROXIES, the one the FORWARDED_CERT_HEADER header names (and the client IP from
 // X-Forwarded-For, which Fastify's trustProxy already resolves to the right-most untrusted
-// hop); from anyone else such a header is a spoofing attempt, refused before any lookup.
+// hop); from anyone else, or the other header, it is a spoofing attempt, refused before any
+// lookup.
 export function resolveForwardedPeer (options: ForwardedOptions) {
   const trusted = trustedPeers(options.trustedProxies)
   const forwarded = options.trustedProxies.length === 0 ? undefined : new ForwardedCertificates(options.caBundle, options.now)
@@ -98,7 +99,7 @@ export function resolveForwardedPeer (options: ForwardedOptions) {
       if (raw === undefined) continue
       fromProxy ??= trusted(request.raw.socket.remoteAddress)
       if (!fromProxy || name !== options.certHeader) {
-        request.log.warn({ header: name, remoteAddress: request.raw.socket.remoteAddress }, 'client-certificate header from an untrusted peer refused')
+        request.log.warn({ header: name, remoteAddress: request.raw.socket.remoteAddress }, fromProxy ? 'client-certificate header the trusted proxy does not set refused' : 'client-certificate header from an untrusted peer refused')
         throw new GatewayError('FORWARDED_HEADER_UNTRUSTED', [name])
       }
       found = { name, value: Array.isArray(raw) ? raw.join(', ') : raw }
