@@ -9,7 +9,9 @@
 //   BENCH_FIXED_RATE (1000) and BENCH_FIXED_SECONDS (10), BENCH_REVOCATIONS (20),
 //   BENCH_NGINX_WORKERS (1), BENCH_SOAK_RATE (500), BENCH_CPU_PROF (dir: the Bearer gateway
 //   runs under `node --cpu-prof` and writes its profile there), BENCH_REF_DIST (another build's
-//   dist/ as an extra Bearer row, for A/B under the same noise), DATABASE_URL (else embedded).
+//   dist/ as an extra Bearer row, for A/B under the same noise), BENCH_VARIANTS (`id:NAME=v,NAME=v;…`:
+//   extra Bearer rows with more gateway environment; name their ids in BENCH_ROWS too),
+//   BENCH_RATE (the table at a fixed rate: compares CPU s / 1k req), DATABASE_URL (else embedded).
 import { randomBytes, X509Certificate } from 'node:crypto'
 import { existsSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
@@ -39,6 +41,14 @@ const connections = num('BENCH_CONNECTIONS', 50)
 const fixedRate = num('BENCH_FIXED_RATE', 1000)
 const fixedSeconds = num('BENCH_FIXED_SECONDS', 10)
 const revocations = num('BENCH_REVOCATIONS', 20)
+const cpuProf = process.env['BENCH_CPU_PROF']
+// BENCH_RATE: the table's rounds at this fixed rate instead of closed loop; every row then
+// does the same work, so CPU s / 1k req compares the rows without a saturated machine's noise.
+const tableRate = process.env['BENCH_RATE'] === undefined ? undefined : Number(process.env['BENCH_RATE'])
+const variants = (process.env['BENCH_VARIANTS'] ?? '').split(';').filter(v => v.trim() !== '').map(v => {
+  const [id = '', settings = ''] = v.split(':')
+  return { id: id.trim(), env: Object.fromEntries(settings.split(',').filter(kv => kv.includes('=')).map(kv => kv.split('=').map(x => x.trim()) as [string, string])) }
+})
 const args = new Set(process.argv.slice(2))
 const mode = args.has('--soak') ? 'soak' : args.has('--micro') ? 'micro' : 'table'
 
@@ -173,7 +183,8 @@ try {
   }
 
   async function startPlainProxy (): Promise<Started> {
-    const proc = start(process.execPath, [join(dist, 'test/bench/plain-proxy.js')], {
+    const nodeArgs = cpuProf === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${cpuProf}`, '--cpu-prof-name=fastify-proxy.cpuprofile']
+    const proc = start(process.execPath, [...nodeArgs, join(dist, 'test/bench/plain-proxy.js')], {
       PATH: process.env['PATH'], BENCH_CERT: server.certFile, BENCH_KEY: server.keyFile, BENCH_CA: caFile, BENCH_UPSTREAM: upstreamOrigin
     })
     procs.push(proc)
@@ -252,7 +263,6 @@ http {
     readonly start: () => Promise<Started>
     readonly probe?: (target: Target) => Promise<string | undefined>
   }
-  const cpuProf = process.env['BENCH_CPU_PROF']
   const refDist = process.env['BENCH_REF_DIST']
   const specs: RowSpec[] = [
     { id: 'direct', name: 'upstream direct (HTTP, no proxy)', kind: 'get', start: async () => ({ origin: upstreamOrigin, pid: upstream.pid, tls: false }) },
@@ -265,8 +275,11 @@ http {
       start: async () => await startGateway({ GATEWAY_WORKERS: '1' }, cpuProf === undefined ? {} : { cpuProf })
     },
     // BENCH_REF_DIST: another build's dist/ (e.g. main's) as an A/B row in the same run.
+    // BENCH_VARIANTS: `id:NAME=value,NAME=value;id2:…` extra Bearer rows whose gateways get
+    // more environment, to weigh one setting under the same noise.
+    ...variants.map(v => ({ id: v.id, name: `gateway Bearer, ${v.id} (${Object.entries(v.env).map(([k, x]) => `${k}=${x}`).join(' ')})`, kind: 'get' as const, start: async () => await startGateway(v.env) })),
     ...(refDist === undefined ? [] : [{ id: 'bearer-ref', name: `gateway Bearer, reference build (${refDist})`, kind: 'get' as const, start: async () => await startGateway({}, { dist: refDist }) }]),
-    { id: 'dpop', name: 'gateway DPoP (proof + replay check per request)', kind: 'dpop', start: async () => await startGateway({ TOKEN_REQUIRE_DPOP: 'true' }), probe: probes.dpop },
+    { id: 'dpop', name: 'gateway DPoP (proof + replay check per request)', kind: 'dpop', start: async () => await startGateway({ TOKEN_REQUIRE_DPOP: 'true' }, cpuProf === undefined ? {} : { cpuProf }), probe: probes.dpop },
     { id: 'single-use', name: 'gateway single-use (token + call pairs)', kind: 'single-use', start: async () => await startGateway({ TOKEN_SINGLE_USE: 'true' }), probe: probes.singleUse },
     { id: 'workers-auto', name: 'gateway Bearer, GATEWAY_WORKERS=auto', kind: 'get', start: async () => await startGateway({ GATEWAY_WORKERS: 'auto' }) }
   ]
@@ -334,7 +347,7 @@ http {
       if ('skipped' in started) { rows.push({ spec, skipped: started.skipped, headers: {}, results: [] }); continue }
       const unavailable = await spec.probe?.(started)
       if (unavailable !== undefined) { rows.push({ spec, skipped: unavailable, headers: {}, results: [] }); continue }
-      const headers: Record<string, string> = spec.id === 'bearer' || spec.id === 'bearer-ref' || spec.id === 'workers-auto' ? { authorization: `Bearer ${await bearerToken(started.origin)}` } : {}
+      const headers: Record<string, string> = spec.id === 'bearer' || spec.id === 'bearer-ref' || spec.id === 'workers-auto' || variants.some(v => v.id === spec.id) ? { authorization: `Bearer ${await bearerToken(started.origin)}` } : {}
       rows.push({ spec, target: started, headers, results: [] })
     }
     for (const row of rows) if (row.skipped !== undefined) console.log(`# ${row.spec.id}: ${row.skipped}`)
@@ -343,7 +356,7 @@ http {
       const target = row.target as Target
       const before = cpuSeconds(target.pid)
       const htuBase = dpopHtuBase.get(target.origin)
-      const result = await load({ origin: target.origin, path: PATH, kind: row.spec.kind, headers: row.headers, connections, seconds: secs, ...(target.tls ? { tls } : {}), ...(htuBase === undefined ? {} : { htuBase }) })
+      const result = await load({ origin: target.origin, path: PATH, kind: row.spec.kind, headers: row.headers, connections, seconds: secs, ...(tableRate === undefined ? {} : { rate: tableRate }), ...(target.tls ? { tls } : {}), ...(htuBase === undefined ? {} : { htuBase }) })
       return { ...result, cpu: cpuSeconds(target.pid) - before }
     }
     for (const row of live) await measure(row, warmup)
