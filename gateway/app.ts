@@ -271,6 +271,13 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   })
   // prom-client hashes a label object on every call; the label sets are few (routes,
   // methods, statuses, codes are all bounded), so keep each one's child.
+  // The access line holds only fields picked here (the method, the path without query
+  // values, the peer address, status, timing, machine, jti, refusal code and reason), never
+  // headers or bodies, so none of the redaction paths can match it; pino's redaction clones
+  // every logged object to look (~6 µs an access line in the bench, a tenth of the gateway's
+  // own per-request CPU). Every other log call keeps it. The line is the same as
+  // request.log's: reqId comes first, where the request logger puts its binding.
+  const accessLog = app.log.child({}, { redact: { paths: [] } })
   const counters = new Map<string, Counter.Internal>()
   const durations = new Map<string, Histogram.Internal<'route'>>()
   app.addHook('onResponse', (request, reply, done) => {
@@ -290,7 +297,8 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
       durations.set(route, duration)
     }
     duration.observe(reply.elapsedTime / 1000)
-    request.log.info({
+    accessLog.info({
+      reqId: request.id,
       req: request,
       status,
       ms: Math.round(reply.elapsedTime * 100) / 100,
