@@ -110,3 +110,29 @@ export async function freePort (): Promise<number> {
     })
   })
 }
+
+// CPU seconds used so far by every local Postgres process (postmaster, backends, WAL
+// writer): what audit rows and replay checks cost the database, which shares the cores
+// with everything else here. Only local processes count: 0 for a database on another host.
+export function postgresCpuSeconds (): number {
+  let ticks = 0
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const text = readFileSync(`/proc/${entry}/stat`, 'utf8')
+      if (!text.includes('(postgres)')) continue
+      const fields = text.slice(text.lastIndexOf(')') + 2).split(' ')
+      ticks += Number(fields[11]) + Number(fields[12])
+    } catch {}
+  }
+  return ticks / TICKS
+}
+
+// The machine's CPU ticks so far, and how many of them the hypervisor gave to other guests
+// (steal): a round with much steal was measured on a slower machine than the others.
+export function machineTicks (): { total: number, steal: number } {
+  const cpu = readFileSync('/proc/stat', 'utf8').split('\n')[0]?.trim().split(/\s+/).slice(1).map(Number) ?? []
+  // user nice system idle iowait irq softirq steal (guest time is inside user already)
+  const total = cpu.slice(0, 8).reduce((a, b) => a + b, 0)
+  return { total, steal: cpu[7] ?? 0 }
+}
