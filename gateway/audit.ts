@@ -231,10 +231,12 @@ interface AuditHookOptions {
   readonly clock: () => number
 }
 
+// Callback-style: an async hook costs a promise per request on the hot path.
+type Done = (err?: Error) => void
 export interface AuditHooks {
-  readonly onRequest: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
-  readonly onResponse: (request: FastifyRequest, reply: FastifyReply) => Promise<void>
-  readonly onRequestAbort: (request: FastifyRequest) => Promise<void>
+  readonly onRequest: (request: FastifyRequest, reply: FastifyReply, done: Done) => void
+  readonly onResponse: (request: FastifyRequest, reply: FastifyReply, done: Done) => void
+  readonly onRequestAbort: (request: FastifyRequest, done: Done) => void
 }
 
 // Route-level hooks for every route that is audited (the EHR proxy and the token
@@ -281,12 +283,13 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
   }
 
   return {
-    async onRequest (request, reply) {
+    onRequest (request, reply, done) {
       request.auditBytesWritten = request.raw.socket.bytesWritten
       request.auditStarted = performance.now()
       if (!sink.admit()) {
         request.audited = true
-        throw new GatewayError('AUDIT_UNAVAILABLE', [], { headers: { 'retry-after': '5' } })
+        done(new GatewayError('AUDIT_UNAVAILABLE', [], { headers: { 'retry-after': '5' } }))
+        return
       }
       // A response destroyed mid-body after the request body was read (client gone, upstream
       // body failed) fires neither onResponse nor onRequestAbort, only 'close'; the EHR may
@@ -298,20 +301,25 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
         const status = reply.raw.headersSent ? reply.statusCode : 499
         sink.record(row(request, status, request.errorCode ?? 'CLIENT_CLOSED_REQUEST', performance.now() - request.auditStarted, bytesOut))
       })
+      done()
     },
-    async onResponse (request, reply) {
-      if (request.audited) return
-      request.audited = true
-      // Bytes this response put on the connection: status line, headers and body.
-      const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
-      sink.record(row(request, reply.statusCode, request.errorCode, reply.elapsedTime, bytesOut))
+    onResponse (request, reply, done) {
+      if (!request.audited) {
+        request.audited = true
+        // Bytes this response put on the connection: status line, headers and body.
+        const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
+        sink.record(row(request, reply.statusCode, request.errorCode, reply.elapsedTime, bytesOut))
+      }
+      done()
     },
     // The client went away before the answer: no onResponse will come.
-    async onRequestAbort (request) {
-      if (request.audited) return
-      request.audited = true
-      const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
-      sink.record(row(request, 499, 'CLIENT_CLOSED_REQUEST', performance.now() - request.auditStarted, bytesOut))
+    onRequestAbort (request, done) {
+      if (!request.audited) {
+        request.audited = true
+        const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
+        sink.record(row(request, 499, 'CLIENT_CLOSED_REQUEST', performance.now() - request.auditStarted, bytesOut))
+      }
+      done()
     }
   }
 }
