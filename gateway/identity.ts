@@ -90,7 +90,18 @@ export interface ForwardedOptions {
 export function resolveForwardedPeer (options: ForwardedOptions) {
   const trusted = trustedPeers(options.trustedProxies)
   const forwarded = options.trustedProxies.length === 0 ? undefined : new ForwardedCertificates(options.caBundle, options.now)
-  return async function forwardedPeer (request: FastifyRequest): Promise<void> {
+  // Callback-style: it runs on every request, and an async hook costs a promise each time.
+  return function forwardedPeer (request: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void {
+    try {
+      checkForwarded(request)
+    } catch (err) {
+      done(err as Error)
+      return
+    }
+    done()
+  }
+
+  function checkForwarded (request: FastifyRequest): void {
     const headers = request.headers
     let found: { name: typeof CERT_HEADERS[number], value: string } | undefined
     let fromProxy: boolean | undefined
