@@ -26,6 +26,7 @@ import { Possession } from './possession.js'
 import { MachineRegistry } from './registry.js'
 import { ReplayStore } from './replay.js'
 import { proxyRoutes } from './routes/proxy.js'
+import type { StampHeaders } from './routes/proxy.js'
 import { isOAuthFormRequest, oauthError, tokenRoutes } from './routes/token.js'
 import { wellKnownRoutes } from './routes/well-known.js'
 import { SECURITY_HEADERS } from './security-headers.js'
@@ -259,14 +260,21 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
 
   let draining = false
   app.addHook('preClose', async () => { draining = true })
+  // What the gateway puts on every answer, errors included: HSTS and the rest of the API
+  // security headers, the request id, and, while draining, `Connection: close` (clients on
+  // kept-alive connections reconnect, to an instance that stays). Set last, so no upstream
+  // header of the same name survives. Answers Fastify sends get them in onSend; the proxy
+  // writes its streamed answers itself and stamps them with the same function.
+  const stampHeaders: StampHeaders = (headers, requestId) => {
+    Object.assign(headers, SECURITY_HEADERS)
+    headers['x-request-id'] = requestId
+    if (draining) headers['connection'] = 'close'
+  }
   // Callback-style hooks: an async hook costs a promise per request on the hot path.
   app.addHook('onSend', (request, reply, payload, done) => {
-    // HSTS and the rest of the API security headers on every response, errors included;
-    // set last, so no upstream header of the same name survives.
-    reply.headers(SECURITY_HEADERS)
-    reply.header('x-request-id', request.id)
-    // Tell clients on kept-alive connections to reconnect, to an instance that stays.
-    if (draining) reply.header('connection', 'close')
+    const headers: Record<string, string> = {}
+    stampHeaders(headers, request.id)
+    reply.headers(headers)
     done(null, payload)
   })
   // prom-client hashes a label object on every call; the label sets are few (routes,
@@ -350,6 +358,6 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     log: app.log,
     onFetch: (mode, result) => { metrics.upstreamTokenFetches.inc({ mode, result }) }
   })
-  await app.register(proxyRoutes, { config, registry, tokens, possession, upstream: deps.upstream, metrics, credentials, audit: auditHooks })
+  await app.register(proxyRoutes, { config, registry, tokens, possession, upstream: deps.upstream, metrics, credentials, audit: auditHooks, stampHeaders })
   return app
 }

@@ -179,4 +179,4 @@ export function translateUpstreamError (err: unknown, responded: boolean): Gatew
 }
 
 // A Pool's `stats` feed the upstream connection gauges when the dispatcher has them.
-export type UpstreamDispatcher = Pick<Dispatcher, 'request'> & { readonly stats?: PoolStats }
+export type UpstreamDispatcher = Pick<Dispatcher, 'dispatch'> & { readonly stats?: PoolStats }

@@ -305,6 +305,64 @@ t.test("the upstream cannot override the gateway's security headers", async t =>
   t.equal(res.headers['x-frame-options'], 'DENY', 'frame options kept')
 })
 
+// The proxy writes a streamed answer itself, not through Fastify's send, so what the other
+// hooks set must still be on it.
+t.test('a proxied answer carries the headers the hooks set: rate limit, request id, security', async t => {
+  gw.upstream.setHandler((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/fhir+json', 'x-request-id': 'upstream-chosen', 'x-ratelimit-remaining': '999999' })
+    res.end('{"resourceType":"Patient"}')
+  })
+  const res = await raw(gw, agent, '/fhir/Patient/1', { headers: auth })
+  t.equal(res.status, 200)
+  t.equal(res.headers['content-type'], 'application/fhir+json')
+  t.match(res.headers['x-request-id'], /^[0-9a-f-]{36}$/, "the gateway's request id, not the upstream's")
+  t.equal(gw.upstream.requests.at(-1)?.headers['x-request-id'], res.headers['x-request-id'], 'the id the upstream was sent')
+  t.match(res.headers['x-ratelimit-limit'], /^\d+$/, 'the rate limit is announced')
+  t.not(res.headers['x-ratelimit-remaining'], '999999', "the limiter's count, not the upstream's")
+  assertSecurityHeaders(t, res)
+})
+
+t.test('a large answer is streamed whole to a slow reader (backpressure)', async t => {
+  const body = randomBytes(8 * 1024 * 1024)
+  gw.upstream.setHandler((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(body.length) })
+    res.end(body)
+  })
+  const res = await agent.request({ origin: gw.url, path: '/fhir/Binary/big', method: 'GET', headers: auth })
+  t.equal(res.statusCode, 200)
+  const chunks: Buffer[] = []
+  for await (const chunk of res.body) {
+    chunks.push(chunk as Buffer)
+    // A reader slower than the upstream: the gateway must pause the upstream, not buffer it all.
+    if (chunks.length % 16 === 0) await new Promise(resolve => setTimeout(resolve, 1))
+  }
+  t.equal(sha256(Buffer.concat(chunks)), sha256(body), 'every byte, in order')
+})
+
+t.test('answers proxied while the gateway drains tell the client to reconnect elsewhere', async t => {
+  const draining = await startGateway(t)
+  const { pair: drainPair } = await draining.register('ws-drain')
+  const drainAgent = draining.agent(drainPair)
+  const drainAuth = { authorization: `Bearer ${await draining.fetchToken(drainAgent)}` }
+  let release: () => void = () => {}
+  const held = new Promise<void>(resolve => { release = resolve })
+  let arrived: () => void = () => {}
+  const upstreamHasIt = new Promise<void>(resolve => { arrived = resolve })
+  draining.upstream.setHandler((_req, res) => {
+    arrived()
+    void held.then(() => { res.writeHead(200, { 'content-type': 'application/fhir+json' }); res.end('{}') })
+  })
+  const pending = raw(draining, drainAgent, '/fhir/Patient/1', { headers: drainAuth })
+  await upstreamHasIt
+  const closing = draining.app.close()
+  await new Promise(resolve => setTimeout(resolve, 50))
+  release()
+  const res = await pending
+  await closing
+  t.equal(res.status, 200, 'the request in flight is served')
+  t.equal(res.headers['connection'], 'close')
+})
+
 // DESIGN step 5 / proxy.ts: a client that goes away must not leave a request running
 // against the EHR.
 t.test('a client that goes away aborts the upstream request', async t => {
