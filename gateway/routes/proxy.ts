@@ -42,17 +42,6 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (_request, _payload, done) => { done(null) })
 
-  // prom-client hashes a label object per call; statuses are few, so keep each child.
-  const durations = new Map<number, ReturnType<typeof metrics.upstreamDuration.labels>>()
-  const upstreamDuration = (status: number): ReturnType<typeof metrics.upstreamDuration.labels> => {
-    let child = durations.get(status)
-    if (child === undefined) {
-      child = metrics.upstreamDuration.labels(String(status))
-      durations.set(status, child)
-    }
-    return child
-  }
-
   async function forward (request: FastifyRequest, reply: FastifyReply): Promise<void> {
     const path = upstreamPath(request.raw.url ?? '/', proxyPrefix, basePath)
     if (path === undefined) throw new GatewayError('PATH_INVALID')
@@ -87,7 +76,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
       })
       // The audit row keeps the last attempt's time to headers.
       request.upstreamMs = performance.now() - started
-      upstreamDuration(response.statusCode).observe(request.upstreamMs / 1000)
+      metrics.upstreamDuration.labels(String(response.statusCode)).observe(request.upstreamMs / 1000)
       return response
     }
     let response: Dispatcher.ResponseData
