@@ -114,7 +114,7 @@ export class AuditTrail implements AuditSink {
     try {
       await this.#write(batch)
     } catch (err) {
-      metrics.auditWriteDuration.observe({ result: 'failed' }, (performance.now() - started) / 1000)
+      metrics.auditWriteDuration.labels('failed').observe((performance.now() - started) / 1000)
       metrics.auditWriteFailures.inc()
       // A value Postgres refuses (SQLSTATE class 22, data exception) would fail its batch
       // forever and, the buffer full, stop all traffic: find it, and move that one row to the
@@ -137,7 +137,7 @@ export class AuditTrail implements AuditSink {
       }
       return
     }
-    metrics.auditWriteDuration.observe({ result: 'written' }, (performance.now() - started) / 1000)
+    metrics.auditWriteDuration.labels('written').observe((performance.now() - started) / 1000)
     metrics.auditRowsWritten.inc(batch.length)
     // Only now, and only these: rows recorded meanwhile were appended behind them.
     this.#buffer.splice(0, batch.length)

@@ -5,12 +5,13 @@
 // connection happened to land on.
 import cluster from 'node:cluster'
 import type { Worker } from 'node:cluster'
-import { AggregatorRegistry, Counter, Gauge, Registry } from 'prom-client'
+import { AggregatorRegistry, Gauge, Registry } from 'prom-client'
 import type { Sql } from 'postgres'
 import type { GatewayConfig } from '../shared/config.js'
 import { startEmbeddedPostgres } from '../shared/db/embedded.js'
 import type { EmbeddedPostgres } from '../shared/db/embedded.js'
 import type { GatewayParts } from './app.js'
+import { Counter } from './metrics.js'
 import { buildOpsServer, readinessProblem, refreshMetrics } from './ops.js'
 
 type MetricJson = Awaited<ReturnType<Registry['getMetricsAsJSON']>>[number]

@@ -52,17 +52,6 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', (_request, _payload, done) => { done(null) })
 
-  // prom-client hashes a label object per call; statuses are few, so keep each child.
-  const durations = new Map<number, ReturnType<typeof metrics.upstreamDuration.labels>>()
-  const upstreamDuration = (status: number): ReturnType<typeof metrics.upstreamDuration.labels> => {
-    let child = durations.get(status)
-    if (child === undefined) {
-      child = metrics.upstreamDuration.labels(String(status))
-      durations.set(status, child)
-    }
-    return child
-  }
-
   // The upstream's answer is streamed to the client as it arrives, written straight to the
   // raw response: undici's dispatch API and a hijacked reply skip the Readable stream
   // undici.request would build and Fastify's stream pipeline around it, a sixth of a proxied
@@ -120,7 +109,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
           if (statusCode >= 100 && statusCode < 200) return // informational: the final answer follows
           // The audit row keeps the last attempt's time to headers.
           request.upstreamMs = performance.now() - started
-          upstreamDuration(statusCode).observe(request.upstreamMs / 1000)
+          metrics.upstreamDuration.labels(String(statusCode)).observe(request.upstreamMs / 1000)
           // The upstream only ever sees the gateway's credentials, so its 401/407 is our
           // misconfiguration: passing it on would send the frontend fetching new tokens forever.
           if (statusCode === 401 || statusCode === 407 || statusCode < 100 || statusCode > 599) {

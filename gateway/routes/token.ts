@@ -62,7 +62,7 @@ export async function tokenRoutes (app: FastifyInstance, options: TokenRouteOpti
     onRequest: audit.onRequest,
     preValidation: identify(registry),
     onResponse: [audit.onResponse, async (request, reply) => {
-      if (reply.statusCode !== 200) metrics.tokensRefused.inc({ code: request.errorCode ?? String(reply.statusCode) })
+      if (reply.statusCode !== 200) metrics.tokensRefused.labels(request.errorCode ?? String(reply.statusCode)).inc()
     }],
     onRequestAbort: audit.onRequestAbort
   }, async (request, reply) => {
