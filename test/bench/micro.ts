@@ -12,8 +12,9 @@ import { machinesRepository } from '../../shared/db/machines.js'
 
 const budgetMs = Number(process.env['BENCH_MICRO_MS'] ?? 1000)
 
-// Runs fn for about budgetMs (after a short warm-up) and prints its cost.
-async function time (name: string, fn: (i: number) => unknown): Promise<void> {
+// Runs fn for about budgetMs (after a short warm-up) and prints its cost per op (a call of
+// fn is opsPerCall ops).
+async function time (name: string, fn: (i: number) => unknown, opsPerCall = 1): Promise<void> {
   const warm = performance.now() + Math.min(200, budgetMs / 5)
   let i = 0
   while (performance.now() < warm) await fn(i++)
@@ -23,7 +24,7 @@ async function time (name: string, fn: (i: number) => unknown): Promise<void> {
   while (performance.now() < until) {
     for (let k = 0; k < 100; k++) await fn(i + n++)
   }
-  const us = (performance.now() - t0) * 1000 / n
+  const us = (performance.now() - t0) * 1000 / (n * opsPerCall)
   console.log(`| ${name} | ${us < 10 ? us.toFixed(2) : us.toFixed(1)} | ${Math.round(1e6 / us).toLocaleString('en')} |`)
 }
 
@@ -136,6 +137,12 @@ export async function runMicro (sql: Sql, dist: string, kek: string): Promise<vo
     try {
       const store = new ReplayStore(sql, { now: Date.now, onCleanupError: () => {} })
       await time('replay-store consume (one Postgres insert)', async () => await store.consume(`bench:${randomUUID()}`, Date.now() + 60_000))
+      // As under load: many requests waiting on the store at once, which a store that
+      // batches answers with few statements (per consume: µs of wall time, consumes/s).
+      const concurrent = 50
+      await time(`replay-store consume, ${concurrent} concurrent (batched)`, async () => {
+        await Promise.all(Array.from({ length: concurrent }, async () => await store.consume(`bench:${randomUUID()}`, Date.now() + 60_000)))
+      }, concurrent)
       store.close()
     } catch (err) {
       skipped.push(failed('replay-store consume', err))
