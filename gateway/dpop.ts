@@ -36,6 +36,8 @@ const COORDINATE = /^[A-Za-z0-9_-]{43}$/ // 32 bytes, base64url without padding
 // A proof is a few hundred bytes; anything far larger is not one.
 const MAX_PROOF_LENGTH = 4096
 const MAX_JTI_LENGTH = 200
+// NUL and lone surrogates: text Postgres cannot store, so no replay store could hold the jti.
+const NOT_TEXT = /[\0\p{Cs}]/u
 const HEADER_MEMBERS = new Set(['typ', 'alg', 'jwk'])
 // Public members of EC and OKP keys, plus the JWK parameters WebCrypto and libraries add
 // (RFC 7517 §4). `d` and every other private or unknown member is refused (§4.3 step 7).
@@ -87,7 +89,7 @@ export function parseProof (text: string): ParsedProof {
   const jwk = parseJwk(header['jwk'], alg)
   const payload = decodeJson(p, 'payload')
   const { jti, htm, htu, iat, ath, nonce } = payload
-  if (typeof jti !== 'string' || jti.length === 0 || jti.length > MAX_JTI_LENGTH) throw invalid('jti missing or malformed')
+  if (typeof jti !== 'string' || jti.length === 0 || jti.length > MAX_JTI_LENGTH || NOT_TEXT.test(jti)) throw invalid('jti missing or malformed')
   if (typeof htm !== 'string' || htm.length === 0) throw invalid('htm missing')
   if (typeof htu !== 'string' || htu.length === 0) throw invalid('htu missing')
   if (typeof iat !== 'number' || !Number.isFinite(iat)) throw invalid('iat missing')

@@ -1,10 +1,12 @@
 import { randomBytes } from 'node:crypto'
 import { X509Certificate } from 'node:crypto'
+import postgres from 'postgres'
 import t from 'tap'
 import { createDevCa } from '../../gateway/demo/pki.js'
 import { describeCertificate } from '../../shared/certificates.js'
 import { MACHINE_CHANNEL, machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import type { NewMachine } from '../../shared/db/machines.js'
+import { replayRepository } from '../../shared/db/replay.js'
 import { signingKeysRepository } from '../../shared/db/signing-keys.js'
 import { decryptPrivateKey, generateSigningKey, publicKeyOf } from '../../shared/keys.js'
 import { createTestDatabase } from '../helpers/db.js'
@@ -80,4 +82,38 @@ t.test('signing keys: encrypted at rest, one current, rotation retires', async t
   const s = createSign('sha256').update(message).sign(es)
   t.ok(createVerify('sha256').update(message).verify(publicKeyOf(second), s))
   await t.rejects(sql`insert into signing_keys (kid, alg, public_jwk, private_key_encrypted) values ('x', 'HS256', '{}', '\\x00')`, /check constraint/)
+})
+
+t.test('replay ids: a batch returns each new id once; statements holding the same ids cannot deadlock', async t => {
+  const { url, sql } = await createTestDatabase(t)
+  const replay = replayRepository(sql)
+  const at = new Date(Date.now() + 60_000)
+  const entry = (id: string): { id: string, expiresAt: Date } => ({ id, expiresAt: at })
+
+  // Postgres skips a key repeated within one `insert … on conflict do nothing` and returns it
+  // once: no error, but also no way to tell the two uses apart (the store dedupes first).
+  t.same([...await replay.consumeBatch([entry('r:a'), entry('r:b'), entry('r:a')])].sort(), ['r:a', 'r:b'])
+  t.same([...await replay.consumeBatch([entry('r:a'), entry('r:c')])], ['r:c'], 'only the new one')
+  t.same([...await replay.consumeBatch([])], [])
+  await t.rejects(replay.consumeBatch([entry('r:a'), entry('x'.repeat(301))]), /check constraint/, 'one bad id fails the statement…')
+  t.same([...await replay.consumeBatch([entry('r:d')])], ['r:d'], '…which consumed nothing of it')
+
+  // Another transaction holds r:lock-a uncommitted. A statement with [b, a] that locked b
+  // first would wait for a while holding b; the holder then inserting b would deadlock
+  // (one of the two aborted after deadlock_timeout). In id order, the statement waits at a
+  // holding nothing.
+  const other = postgres(url, { max: 1, onnotice: () => {} })
+  t.teardown(async () => { await other.end({ timeout: 1 }) })
+  const holder = other.begin(async tx => {
+    await tx`insert into replay_ids (id, expires_at) values ('r:lock-a', ${at})`
+    const batch = replay.consumeBatch([entry('r:lock-b'), entry('r:lock-a')])
+    batch.catch(() => {})
+    await new Promise(resolve => setTimeout(resolve, 200))
+    await tx`set local lock_timeout = '3s'`
+    await tx`insert into replay_ids (id, expires_at) values ('r:lock-b', ${at})`
+    // Wrapped: the transaction must commit before the statement can finish.
+    return { batch }
+  })
+  const { batch } = await holder
+  t.same([...await batch], [], 'no deadlock; both ids were the other transaction\'s')
 })

@@ -112,6 +112,17 @@ t.test('a replayed proof is refused, on the same and on a second instance sharin
     const results = await Promise.all([use(gw, agent, token, racing), use(gw2, other, token, racing)])
     t.same(results.map(r => r.status).sort(), [200, 401], `round ${round}: exactly one of two simultaneous uses wins`)
   }
+
+  // A burst: the replay store batches concurrent consumes into one statement; one proof sent
+  // twenty times at once over both instances is still served once, beside fresh proofs.
+  const burst = resourceProof(gw, key, token)
+  const mixed = await Promise.all(Array.from({ length: 30 }, async (_, i) => {
+    const [g, a] = i % 2 === 0 ? [gw, agent] : [gw2, other]
+    return { replay: i < 20, res: await use(g, a, token, i < 20 ? burst : resourceProof(gw, key, token)) }
+  }))
+  t.equal(mixed.filter(m => m.replay && m.res.status === 200).length, 1, 'the burst of one proof: served once')
+  t.ok(mixed.filter(m => m.replay && m.res.status !== 200).every(m => m.res.json()['code'] === 'DPOP_PROOF_REPLAYED'), 'the rest refused as replays')
+  t.ok(mixed.filter(m => !m.replay).every(m => m.res.status === 200), 'the fresh proofs beside it all served')
 })
 
 // A certificate registered on gw's database (the same machine may connect to either instance).

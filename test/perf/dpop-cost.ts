@@ -177,7 +177,7 @@ async function main (): Promise<void> {
     const rtts: number[] = []
     for (let i = 0; i < 1000; i++) {
       t0 = performance.now()
-      await repo.consume(`perf:${i}:${randomBytes(8).toString('hex')}`, new Date(Date.now() + 60_000))
+      await repo.consumeBatch([{ id: `perf:${i}:${randomBytes(8).toString('hex')}`, expiresAt: new Date(Date.now() + 60_000) }])
       rtts.push(performance.now() - t0)
     }
     rtts.sort((a, b) => a - b)

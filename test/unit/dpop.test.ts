@@ -31,6 +31,9 @@ t.test('well-formed ES256 and EdDSA proofs parse and verify', async t => {
     t.equal(jwkThumbprint(parsed.jwk), await calculateJwkThumbprint(key.jwk, 'sha256'), `${alg}: same as jose`)
     t.same(checkProof(proof, ctx()), { jkt: key.jkt, jti: parsed.jti, iat: now })
   }
+  // Any text is a jti, astral characters (surrogate pairs) included.
+  const key = createProofKey()
+  t.equal(checkProof(key.proof(claims({ jti: 'jti-\u{1F980}' })), ctx()).jti, 'jti-\u{1F980}')
 })
 
 t.test('malformed proofs: DPOP_PROOF_INVALID (RFC 9449 §4.3 steps 2-7)', async t => {
@@ -70,6 +73,8 @@ t.test('malformed proofs: DPOP_PROOF_INVALID (RFC 9449 §4.3 steps 2-7)', async 
     ['jti missing', key.proof(claims({ jti: undefined }))],
     ['jti empty', key.proof(claims({ jti: '' }))],
     ['jti huge', key.proof(claims({ jti: 'x'.repeat(500) }))],
+    ['jti with NUL', key.proof(claims({ jti: 'a\u0000b' }))],
+    ['jti with a lone surrogate', key.proof(claims({ jti: 'a\ud800b' }))],
     ['htm missing', key.proof(claims({ htm: undefined }))],
     ['htu missing', key.proof(claims({ htu: undefined }))],
     ['iat a string', key.proof(claims({ iat: String(now) }))],
