@@ -24,6 +24,7 @@ import postgres from 'postgres'
 import { Pool } from 'undici'
 import { createDevCa, writeKeyPair } from '../../gateway/demo/pki.js'
 import { describeCertificate } from '../../shared/certificates.js'
+import { postgresClient } from '../../shared/db/client.js'
 import { startEmbeddedPostgres } from '../../shared/db/embedded.js'
 import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { migrate } from '../../shared/db/migrations.js'
@@ -84,7 +85,7 @@ const admin = postgres(adminUrl, { max: 1, onnotice: () => {} })
 await admin.unsafe(`create database ${dbName}`)
 const dbUrl = new URL(adminUrl)
 dbUrl.pathname = `/${dbName}`
-const sql = postgres(dbUrl.toString(), { max: 4, onnotice: () => {}, transform: postgres.camel })
+const sql = postgresClient(dbUrl.toString(), { max: 4, onnotice: () => {}, transform: postgres.camel })
 
 try {
   await migrate(sql)

@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto'
 import postgres from 'postgres'
 import type { Sql } from 'postgres'
 import type { Test } from 'tap'
+import { postgresClient } from '../../shared/db/client.js'
 import { migrate } from '../../shared/db/migrations.js'
 
 // DATABASE_URL here is the admin connection test/run.ts provides (the embedded Postgres)
@@ -24,7 +25,7 @@ export async function createTestDatabase (t: Test, options: { migrate?: boolean 
   const url = new URL(adminUrl())
   url.pathname = `/${name}`
   // As shared/db/client.ts opens it (fetch_types: see there).
-  const sql = postgres(url.toString(), { max: 4, onnotice: () => {}, transform: postgres.camel, fetch_types: false })
+  const sql = postgresClient(url.toString(), { max: 4, onnotice: () => {}, transform: postgres.camel, fetch_types: false })
   if (options.migrate !== false) await migrate(sql)
   t.teardown(async () => {
     await sql.end({ timeout: 1 })

@@ -22,6 +22,7 @@ import { describeCertificate } from '../../shared/certificates.js'
 import { loadGatewayConfig } from '../../shared/config.js'
 import { auditRepository } from '../../shared/db/audit.js'
 import type { AuditRecord } from '../../shared/db/audit.js'
+import { postgresClient } from '../../shared/db/client.js'
 import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { migrate } from '../../shared/db/migrations.js'
 import type { LoadJob, LoadResult } from '../bench/load-worker.js'
@@ -44,7 +45,7 @@ const admin = postgres(adminUrl, { max: 1, onnotice: () => {} })
 await admin.unsafe(`create database ${dbName}`)
 const dbUrl = new URL(adminUrl)
 dbUrl.pathname = `/${dbName}`
-const sql = postgres(dbUrl.toString(), { max: 10, onnotice: () => {}, transform: postgres.camel, fetch_types: false })
+const sql = postgresClient(dbUrl.toString(), { max: 10, onnotice: () => {}, transform: postgres.camel, fetch_types: false })
 const work = await mkdtemp(join(tmpdir(), 'ehrgw-perf-'))
 const { worker: upstreamWorker, first: upstreamReady } = worker<{ port: number }>('../bench/upstream-worker.js')
 try {

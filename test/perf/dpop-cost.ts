@@ -102,6 +102,7 @@ async function main (): Promise<void> {
   const { machineRecord, machinesRepository } = await import('../../shared/db/machines.js')
   const { migrate } = await import('../../shared/db/migrations.js')
   const { replayRepository } = await import('../../shared/db/replay.js')
+  const { postgresClient } = await import('../../shared/db/client.js')
 
   const seconds = Number(process.env['PERF_SECONDS'] ?? 5)
   const rounds = Number(process.env['PERF_ROUNDS'] ?? 3)
@@ -114,7 +115,7 @@ async function main (): Promise<void> {
   await admin.unsafe(`create database ${dbName}`)
   const dbUrl = new URL(adminUrl)
   dbUrl.pathname = `/${dbName}`
-  const sql = postgres(dbUrl.toString(), { max: 10, onnotice: () => {}, transform: postgres.camel })
+  const sql = postgresClient(dbUrl.toString(), { max: 10, onnotice: () => {}, transform: postgres.camel })
   const upstream = new Worker(new URL(import.meta.url), { workerData: { role: 'upstream' } })
   try {
     const { port: upstreamPort } = await new Promise<{ port: number }>(resolve => { upstream.once('message', resolve) })
