@@ -45,6 +45,8 @@ export interface AuditFilter {
 // Bounds one statement's size (a row is under 2 KiB of JSON).
 export const MAX_AUDIT_BATCH = 3000
 const PRUNE_BATCH = 10_000
+const HOUR_MS = 3_600_000
+const LIST_WINDOWS_MS = [HOUR_MS, 24 * HOUR_MS, 7 * 24 * HOUR_MS, 31 * 24 * HOUR_MS, 366 * 24 * HOUR_MS]
 // The trigger of migration 3 refuses younger rows whatever the caller asks.
 export const MIN_AUDIT_RETENTION_MS = 86_400_000
 
@@ -104,8 +106,22 @@ export function auditRepository (sql: Sql) {
     return result.count
   }
 
-  // Newest first.
+  // Newest first. No index orders by at (migration 4 made it BRIN), so the newest rows are
+  // looked for in growing windows back from now, each a BRIN range scan: a window that holds
+  // `limit` matching rows holds the newest `limit`, since every row outside is older than
+  // every row inside. Only a filter that matches fewer rows in the last year reads further.
   async function list (filter: AuditFilter, limit: number): Promise<AuditEntry[]> {
+    const now = Date.now()
+    for (const windowMs of LIST_WINDOWS_MS) {
+      const from = new Date(now - windowMs)
+      if (filter.since !== undefined && filter.since >= from) break
+      const rows = await newest({ ...filter, since: from }, limit)
+      if (rows.length === limit) return rows
+    }
+    return await newest(filter, limit)
+  }
+
+  async function newest (filter: AuditFilter, limit: number): Promise<AuditEntry[]> {
     return await sql<AuditEntry[]>`
       select ${selectList} from audit_log ${where(filter)}
       order by at desc, id desc limit ${limit}`

@@ -33,3 +33,23 @@ t.test('a row Postgres refuses is isolated and logged; its batch-mates are writt
   t.match(logged.filter(l => 'audit' in l), [{ audit: { requestId: ids[1] } }])
   t.equal((await metrics.auditRowsUnwritten.get()).values[0]?.value, 1)
 })
+
+const uuid = (n: number): string => `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`
+
+// list() looks for the newest rows in growing windows back from now (no btree on at since
+// migration 4): whichever window answers, the answer is the newest rows overall.
+t.test('list returns the newest rows whichever window holds them', async t => {
+  const db = await createTestDatabase(t)
+  const repo = auditRepository(db.sql)
+  const HOUR = 3_600_000
+  const ages = [-HOUR, 0.5 * HOUR, 2 * HOUR, 30 * HOUR, 10 * 24 * HOUR, 40 * 24 * HOUR, 400 * 24 * HOUR, 800 * 24 * HOUR]
+  const now = Date.now()
+  await repo.insertBatch(ages.map((age, i) => ({ ...row(uuid(i)), at: new Date(now - age), machineName: i % 2 === 0 ? 'ws-even' : 'ws-odd', status: i === 6 ? 500 : 200 })))
+  for (let limit = 1; limit <= ages.length + 1; limit++) {
+    t.same((await repo.list({}, limit)).map(r => r.requestId), ages.slice(0, limit).map((_, i) => uuid(i)), `limit ${limit}`)
+  }
+  t.same((await repo.list({ machine: 'ws-odd' }, 3)).map(r => r.requestId), [uuid(1), uuid(3), uuid(5)])
+  t.same((await repo.list({ status: 500 }, 5)).map(r => r.requestId), [uuid(6)], 'a filter older than every window')
+  t.same((await repo.list({ since: new Date(now - 3 * HOUR) }, 10)).map(r => r.requestId), [uuid(0), uuid(1), uuid(2)])
+  t.same((await repo.list({ since: new Date(now - 500 * 24 * HOUR) }, 10)).length, 7)
+})

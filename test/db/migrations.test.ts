@@ -22,3 +22,11 @@ t.test('a schema newer than this release is refused', async t => {
   await t.rejects(assertSchemaCurrent(sql), new GatewayError('DB_SCHEMA_TOO_NEW', [LATEST_VERSION + 1, LATEST_VERSION]))
   await t.rejects(migrate(sql), { code: 'DB_SCHEMA_TOO_NEW' })
 })
+
+// Every audit_log index is paid on every audited request (migration 4 chose these).
+t.test('audit_log carries exactly the indexes migration 4 chose', async t => {
+  const { sql } = await createTestDatabase(t)
+  const indexes = await sql<Array<{ indexname: string, indexdef: string }>>`select indexname, indexdef from pg_indexes where tablename = 'audit_log' order by indexname`
+  t.same(indexes.map(i => i.indexname), ['audit_log_at_brin', 'audit_log_code', 'audit_log_machine', 'audit_log_pkey', 'audit_log_request_id_key'])
+  t.match(indexes.find(i => i.indexname === 'audit_log_at_brin')?.indexdef, /USING brin \(at\) WITH \(autosummarize='?on'?\)/)
+})
