@@ -173,3 +173,17 @@ t.test('list returns the newest rows whichever window holds them', async t => {
   t.same((await repo.list({ since: new Date(now - 3 * HOUR) }, 10)).map(r => r.requestId), [uuid(0), uuid(1), uuid(2)])
   t.same((await repo.list({ since: new Date(now - 500 * 24 * HOUR) }, 10)).length, 7)
 })
+
+t.test('a refused row alone in its batch is moved to the log only on the insert\'s verdict', async t => {
+  const db = await createTestDatabase(t)
+  const logged: Array<Record<string, unknown>> = []
+  const log = { info () {}, warn () {}, error (obj: Record<string, unknown>) { logged.push(obj) } }
+  const metrics = createMetrics()
+  const trail = new AuditTrail(auditRepository(db.sql), { bufferMax: 100, batchSize: 10, flushIntervalMs: 5, closeTimeoutMs: 5000, log, metrics })
+  trail.start()
+  trail.record(row(uuid(1), 'not-an-address'))
+  for (let i = 0; i < 200 && trail.depth > 0; i++) await new Promise(resolve => setTimeout(resolve, 5))
+  await trail.close()
+  t.match(logged.filter(l => 'audit' in l), [{ audit: { requestId: uuid(1) } }])
+  t.equal((await metrics.auditWriteFailures.get()).values[0]?.value, 2, 'the COPY, then the insert')
+})
