@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto'
 import type { AddressInfo } from 'node:net'
 import postgres from 'postgres'
 import { request } from 'undici'
@@ -267,7 +268,9 @@ t.test('with the documented GRANTs the gateway role cannot delete audit rows', a
   const retentionRole = `ehrgw_retention_${suffix}`
   const sql = gw.db.sql
   const cluster = admin(t)
-  await cluster.unsafe(`create role ${gatewayRole} login; create role ${retentionRole} login`)
+  // With passwords: the embedded Postgres (no DATABASE_URL) asks for one; a trust server ignores it.
+  const password = randomBytes(16).toString('hex')
+  await cluster.unsafe(`create role ${gatewayRole} login password '${password}'; create role ${retentionRole} login password '${password}'`)
   t.teardown(async () => {
     await sql.unsafe(`drop owned by ${gatewayRole}, ${retentionRole}`)
     await cluster.unsafe(`drop role if exists ${gatewayRole}; drop role if exists ${retentionRole}`)
@@ -279,6 +282,7 @@ t.test('with the documented GRANTs the gateway role cannot delete audit rows', a
   const as = (role: string) => {
     const url = new URL(gw.db.url)
     url.username = role
+    url.password = password
     const client = postgres(url.toString(), { max: 1, onnotice: () => {}, transform: postgres.camel, fetch_types: false })
     t.teardown(async () => { await client.end({ timeout: 1 }) })
     return client
