@@ -65,8 +65,6 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
     if (length !== undefined && Number(length) > bodyLimit) throw new GatewayError('BODY_TOO_LARGE', [bodyLimit])
     const hasBody = length !== undefined ? length !== '0' : request.headers['transfer-encoding'] !== undefined
     const method = request.method as (typeof METHODS)[number]
-    let auth = await credentials.headers()
-
     // A client that goes away must not leave a request running against the EHR.
     let aborted = false
     let controller: Dispatcher.DispatchController | undefined
@@ -76,6 +74,9 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
       controller?.abort(new Error('the client closed the request'))
     }
     reply.raw.once('close', onClose)
+    // Gone before this handler ran (during the hooks): 'close' has fired already.
+    if (reply.raw.destroyed) aborted = true
+    let auth = await credentials.headers()
 
     // Headers go out once the upstream's arrive: from then on the answer is the client's,
     // and a failure can only cut it short.
@@ -120,7 +121,10 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
           res.on('drain', () => { c.resume() })
         },
         onResponseData (c, chunk) {
-          if (res !== undefined && !res.write(chunk)) c.pause()
+          if (res === undefined || res.write(chunk)) return
+          // A destroyed response never drains: stop the upstream rather than wait for it.
+          if (res.destroyed) c.abort(new Error('the client closed the request'))
+          else c.pause()
         },
         onResponseEnd () {
           if (res === undefined) {
