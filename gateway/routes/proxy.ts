@@ -31,6 +31,7 @@ interface ProxyRouteOptions {
 // otherwise the status of an answer the gateway read, dropped and refuses to pass on.
 type Outcome = { readonly sent: true } | { readonly sent: false, readonly status: number }
 const SENT: Outcome = { sent: true }
+const MAX_DROPPED_BODY = 128 * 1024
 
 // The headers the gateway adds to every answer (gateway/app.ts), for the answers the proxy
 // writes itself.
@@ -75,7 +76,10 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
     }
     reply.raw.once('close', onClose)
     // Gone before this handler ran (during the hooks): 'close' has fired already.
-    if (reply.raw.destroyed) aborted = true
+    if (reply.raw.destroyed) {
+      reply.raw.off('close', onClose)
+      throw new GatewayError('CLIENT_CLOSED_REQUEST')
+    }
     let auth = await credentials.headers()
 
     // Headers go out once the upstream's arrive: from then on the answer is the client's,
@@ -94,6 +98,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
       const started = performance.now()
       let res: ServerResponse | undefined
       let dropped = 0
+      let droppedBytes = 0
       upstream.dispatch({
         method,
         path,
@@ -117,11 +122,28 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
             dropped = statusCode
             return
           }
-          res = commit(statusCode, headers)
+          try {
+            res = commit(statusCode, headers)
+          } catch (err) {
+            // Headers Node refuses to write (undici's parser lets none through today): the
+            // reply is hijacked already, so cutting the connection is the only answer left.
+            request.log.error({ err }, 'the upstream answer could not be written')
+            reply.raw.destroy()
+            resolve(SENT)
+            c.abort(err as Error)
+            return
+          }
           res.on('drain', () => { c.resume() })
         },
         onResponseData (c, chunk) {
-          if (res === undefined || res.write(chunk)) return
+          if (res === undefined) {
+            // A refused answer is read only so its connection can be reused, and no further
+            // than undici's body.dump() would: past that the connection is not worth it.
+            droppedBytes += chunk.length
+            if (droppedBytes > MAX_DROPPED_BODY) c.abort(new Error('refused upstream answer too long to read'))
+            return
+          }
+          if (res.write(chunk)) return
           // A destroyed response never drains: stop the upstream rather than wait for it.
           if (res.destroyed) c.abort(new Error('the client closed the request'))
           else c.pause()
@@ -136,7 +158,8 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
         },
         onResponseError (_c, err) {
           if (res === undefined) {
-            reject(err)
+            if (dropped !== 0) resolve({ sent: false, status: dropped })
+            else reject(err)
             return
           }
           if (aborted) request.log.info('client closed the request during the response')

@@ -549,6 +549,27 @@ t.test("an upstream 401 is the gateway's problem: 502 UPSTREAM_AUTH_FAILED, no u
   t.notMatch(res.text, /example-internal/)
 })
 
+// Review finding: a refused answer is read only to reuse its connection; one that never
+// ends must not hold the client's 502 back.
+t.test('an upstream 401 with an endless body is refused at once, not read to its end', async t => {
+  let written = 0
+  gw.upstream.setHandler((_req, res) => {
+    res.writeHead(401, { 'content-type': 'application/json' })
+    const chunk = Buffer.alloc(64 * 1024, 'x')
+    const pump = (): void => {
+      while (!res.destroyed && written < 64 * 1024 * 1024) {
+        written += chunk.length
+        if (!res.write(chunk)) { res.once('drain', pump); return }
+      }
+    }
+    pump()
+  })
+  t.teardown(() => { gw.upstream.setHandler((_req, res) => { res.writeHead(200, { 'content-type': 'application/fhir+json' }); res.end('{}') }) })
+  const res = await raw(gw, agent, '/fhir/Patient/1', { headers: auth })
+  assertProblem(t, res, 502, 'UPSTREAM_AUTH_FAILED')
+  t.ok(written < 16 * 1024 * 1024, `the gateway stopped reading early (${written} bytes sent)`)
+})
+
 t.test('upstream cookies, server software and tracing headers stay behind', async t => {
   gw.upstream.setHandler((_req, res) => {
     res.writeHead(200, { 'content-type': 'application/fhir+json', 'set-cookie': 'GCLB=abc', server: 'ESF', via: '1.1 google', 'x-cloud-trace-context': 'abc/1', etag: 'W/"2"' })

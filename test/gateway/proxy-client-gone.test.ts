@@ -6,9 +6,10 @@ import { connect as tlsConnect } from 'node:tls'
 import { startGateway } from '../helpers/gateway.js'
 import { tokenServer } from '../helpers/token-server.js'
 
-// Review repro: a client that leaves before the proxy handler registers its 'close'
+// A client that leaves before the proxy handler registers its 'close'
 // listener (here: while the upstream token is being fetched) leaves the proxied request
-// paused forever on a destroyed response, holding a pooled upstream connection.
+// paused forever on a destroyed response, holding a pooled upstream connection (found in
+// review of the dispatch-based proxy path; it must be refused and never reach the EHR).
 t.test('a client gone before the handler registers onClose does not pin an upstream connection', async t => {
   const server = await tokenServer(t, 'smart-at')
   const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-384' })
