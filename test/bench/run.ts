@@ -6,7 +6,7 @@
 //   npm run bench -- --soak       RSS soak of the Bearer gateway (BENCH_SOAK_SECONDS, 600)
 // Env: BENCH_SECONDS (5) per round, BENCH_ROUNDS (3), BENCH_WARMUP_SECONDS (2),
 //   BENCH_CONNECTIONS (50), BENCH_ROWS (comma list of row ids, default all),
-//   BENCH_FIXED_RATE (1000) and BENCH_FIXED_SECONDS (10), BENCH_REVOCATIONS (20),
+//   BENCH_FIXED_RATE (1000), BENCH_FIXED_SECONDS (10) and BENCH_FIXED_ROUNDS (3), BENCH_REVOCATIONS (20),
 //   BENCH_NGINX_WORKERS (1), BENCH_SOAK_RATE (500), BENCH_CPU_PROF (dir: the Bearer gateway
 //   runs under `node --cpu-prof` and writes its profile there), BENCH_REF_DIST (another build's
 //   dist/ as an extra Bearer row, for A/B under the same noise), BENCH_VARIANTS (`id:NAME=v,NAME=v;…`:
@@ -41,6 +41,7 @@ const warmup = num('BENCH_WARMUP_SECONDS', 2)
 const connections = num('BENCH_CONNECTIONS', 50)
 const fixedRate = num('BENCH_FIXED_RATE', 1000)
 const fixedSeconds = num('BENCH_FIXED_SECONDS', 10)
+const fixedRounds = Math.max(1, num('BENCH_FIXED_ROUNDS', 3))
 const revocations = num('BENCH_REVOCATIONS', 20)
 const cpuProf = process.env['BENCH_CPU_PROF']
 // BENCH_RATE: the table's rounds at this fixed rate instead of closed loop; every row then
@@ -48,7 +49,7 @@ const cpuProf = process.env['BENCH_CPU_PROF']
 const tableRate = process.env['BENCH_RATE'] === undefined ? undefined : Number(process.env['BENCH_RATE'])
 const variants = (process.env['BENCH_VARIANTS'] ?? '').split(';').filter(v => v.trim() !== '').map(v => {
   const [id = '', settings = ''] = v.split(':')
-  return { id: id.trim(), env: Object.fromEntries(settings.split(',').filter(kv => kv.includes('=')).map(kv => kv.split('=').map(x => x.trim()) as [string, string])) }
+  return { id: id.trim(), env: Object.fromEntries(settings.split(',').filter(kv => kv.includes('=')).map(kv => [kv.slice(0, kv.indexOf('=')).trim(), kv.slice(kv.indexOf('=') + 1).trim()])) }
 })
 const args = new Set(process.argv.slice(2))
 const mode = args.has('--soak') ? 'soak' : args.has('--micro') ? 'micro' : 'table'
@@ -423,36 +424,51 @@ http {
       extras['tokensPerSecond'] = issued.requests / issued.seconds
       console.log(`\ntoken issuance (POST /v1/token, ${connections} connections): ${(issued.requests / issued.seconds).toFixed(0)} tokens/s, ${issued.errors} errors`)
 
-      // Tail latency on a shared VM is set as much by the hypervisor as by us: each run's
-      // steal is kept with its percentiles.
-      const steals: number[] = []
-      const fixed = async (origin: string, headers: Record<string, string>, withTls: boolean): Promise<hdr.Histogram> => {
+      // Tail latency on a shared VM is set as much by the hypervisor as by us: each run keeps
+      // its steal, and the targets alternate over BENCH_FIXED_ROUNDS rounds, the median p99
+      // of each counting, so one stolen slice does not decide the comparison.
+      interface FixedRun { readonly p50: number, readonly p99: number, readonly stealPct: number }
+      const fixed = async (origin: string, headers: Record<string, string>, withTls: boolean): Promise<FixedRun> => {
         const before = machineTicks()
         const res = await load({ origin, path: PATH, kind: 'get', headers, connections, seconds: fixedSeconds, rate: fixedRate, ...(withTls ? { tls } : {}) })
         const after = machineTicks()
-        steals.push((after.steal - before.steal) / Math.max(1, after.total - before.total) * 100)
-        return hdr.decodeFromCompressedBase64(res.histogram)
+        const h = hdr.decodeFromCompressedBase64(res.histogram)
+        return { p50: ms(h, 50), p99: ms(h, 99), stealPct: (after.steal - before.steal) / Math.max(1, after.total - before.total) * 100 }
       }
       const token = await bearerToken(bearer.origin)
-      await fixed(bearer.origin, { authorization: `Bearer ${token}` }, true) // warm
-      const direct = await fixed(upstreamOrigin, {}, false)
-      const gw = await fixed(bearer.origin, { authorization: `Bearer ${token}` }, true)
-      const added = { p50: ms(gw, 50) - ms(direct, 50), p99: ms(gw, 99) - ms(direct, 99) }
+      const plainTarget = live.find(row => row.spec.id === 'fastify-proxy')?.target
       // The plain proxy at the same rate tells what mutual TLS and a Node proxy cost by
       // themselves (the direct row has neither), so the gateway's own share is visible.
-      const plainTarget = live.find(row => row.spec.id === 'fastify-proxy')?.target
-      const plain = plainTarget === undefined ? undefined : await fixed(plainTarget.origin, {}, true)
+      const fixedTargets: Array<{ id: string, run: () => Promise<FixedRun> }> = [
+        { id: 'direct', run: async () => await fixed(upstreamOrigin, {}, false) },
+        { id: 'gateway', run: async () => await fixed(bearer.origin, { authorization: `Bearer ${token}` }, true) },
+        ...(plainTarget === undefined ? [] : [{ id: 'plainProxy', run: async () => await fixed(plainTarget.origin, {}, true) }])
+      ]
+      await fixedTargets[1]?.run() // warm
+      const fixedRuns = new Map<string, FixedRun[]>(fixedTargets.map(x => [x.id, []]))
+      for (let r = 0; r < fixedRounds; r++) for (const x of fixedTargets) fixedRuns.get(x.id)?.push(await x.run())
+      const medianRun = (id: string): FixedRun | undefined => {
+        const runs = [...(fixedRuns.get(id) ?? [])].sort((a, b) => a.p99 - b.p99)
+        return runs[Math.floor(runs.length / 2)]
+      }
+      const direct = medianRun('direct') as FixedRun
+      const gw = medianRun('gateway') as FixedRun
+      const plain = medianRun('plainProxy')
+      const added = { p50: gw.p50 - direct.p50, p99: gw.p99 - direct.p99 }
       extras['fixedRate'] = {
         rate: fixedRate,
         seconds: fixedSeconds,
-        direct: { p50: ms(direct, 50), p99: ms(direct, 99) },
-        gateway: { p50: ms(gw, 50), p99: ms(gw, 99) },
-        ...(plain === undefined ? {} : { plainProxy: { p50: ms(plain, 50), p99: ms(plain, 99) } }),
+        rounds: fixedRounds,
+        direct,
+        gateway: gw,
+        ...(plain === undefined ? {} : { plainProxy: plain, addedOverPlainProxy: { p50: gw.p50 - plain.p50, p99: gw.p99 - plain.p99 } }),
         added,
-        stealPct: { direct: steals[1], gateway: steals[2], ...(plain === undefined ? {} : { plainProxy: steals[3] }) }
+        runs: Object.fromEntries(fixedRuns)
       }
-      console.log(`fixed rate ${fixedRate} req/s for ${fixedSeconds}s (latency from intended send time): direct p50 ${ms(direct, 50).toFixed(2)} / p99 ${ms(direct, 99).toFixed(2)} ms; gateway p50 ${ms(gw, 50).toFixed(2)} / p99 ${ms(gw, 99).toFixed(2)} ms; added p50 ${added.p50.toFixed(2)} / p99 ${added.p99.toFixed(2)} ms (steal ${steals.slice(1, 3).map(x => `${x.toFixed(1)}%`).join(' / ')})`)
-      if (plain !== undefined) console.log(`  same rate through @fastify/http-proxy over mTLS: p50 ${ms(plain, 50).toFixed(2)} / p99 ${ms(plain, 99).toFixed(2)} ms (steal ${(steals[3] ?? 0).toFixed(1)}%)`)
+      const runsText = (id: string): string => (fixedRuns.get(id) ?? []).map(x => `${x.p99.toFixed(2)} (steal ${x.stealPct.toFixed(1)}%)`).join(', ')
+      console.log(`fixed rate ${fixedRate} req/s, ${fixedRounds} alternating rounds of ${fixedSeconds}s (latency from intended send time; median round): direct p50 ${direct.p50.toFixed(2)} / p99 ${direct.p99.toFixed(2)} ms; gateway p50 ${gw.p50.toFixed(2)} / p99 ${gw.p99.toFixed(2)} ms; added p50 ${added.p50.toFixed(2)} / p99 ${added.p99.toFixed(2)} ms`)
+      if (plain !== undefined) console.log(`  same rate through @fastify/http-proxy over mTLS: p50 ${plain.p50.toFixed(2)} / p99 ${plain.p99.toFixed(2)} ms; the gateway adds p50 ${(gw.p50 - plain.p50).toFixed(2)} / p99 ${(gw.p99 - plain.p99).toFixed(2)} ms over it`)
+      for (const x of fixedTargets) console.log(`  p99 ms by round, ${x.id}: ${runsText(x.id)}`)
 
       extras['revocation'] = await revocation()
     }
