@@ -1,10 +1,13 @@
 import postgres from 'postgres'
 import t from 'tap'
+import type { Test } from 'tap'
 import { AuditTrail } from '../../gateway/audit.js'
 import { createMetrics } from '../../gateway/metrics.js'
+import type { Metrics } from '../../gateway/metrics.js'
 import { auditRepository, copyText } from '../../shared/db/audit.js'
 import type { AuditEntry, AuditRecord } from '../../shared/db/audit.js'
 import { createTestDatabase } from '../helpers/db.js'
+import type { TestDatabase } from '../helpers/db.js'
 
 const row = (requestId: string, clientIp: string | null = '192.0.2.1'): AuditRecord => ({
   at: new Date(), requestId, machineId: null, machineName: 'ws-1', certThumbprint: null, tokenJti: null,
@@ -12,15 +15,21 @@ const row = (requestId: string, clientIp: string | null = '192.0.2.1'): AuditRec
   resourceId: '1', queryParams: ['a'], status: 200, errorCode: null, durationMs: 1, upstreamMs: 1, bytesIn: 0, bytesOut: 1
 })
 
-// One value Postgres refuses must not hold its whole batch (and then, the buffer full, all
-// traffic) hostage: that row goes to the error log, the others to the table.
-t.test('a row Postgres refuses is isolated and logged; its batch-mates are written', async t => {
+// A started trail on a fresh database whose error log the test reads.
+async function loggingTrail (t: Test): Promise<{ db: TestDatabase, logged: Array<Record<string, unknown>>, trail: AuditTrail, metrics: Metrics }> {
   const db = await createTestDatabase(t)
   const logged: Array<Record<string, unknown>> = []
   const log = { info () {}, warn () {}, error (obj: Record<string, unknown>) { logged.push(obj) } }
   const metrics = createMetrics()
   const trail = new AuditTrail(auditRepository(db.sql), { bufferMax: 100, batchSize: 10, flushIntervalMs: 5, closeTimeoutMs: 5000, log, metrics })
   trail.start()
+  return { db, logged, trail, metrics }
+}
+
+// One value Postgres refuses must not hold its whole batch (and then, the buffer full, all
+// traffic) hostage: that row goes to the error log, the others to the table.
+t.test('a row Postgres refuses is isolated and logged; its batch-mates are written', async t => {
+  const { db, logged, trail, metrics } = await loggingTrail(t)
   const ids = ['00000000-0000-4000-8000-000000000001', '00000000-0000-4000-8000-000000000002', '00000000-0000-4000-8000-000000000003', '00000000-0000-4000-8000-000000000004']
   trail.record(row(ids[0] as string))
   trail.record(row(ids[1] as string, 'not-an-address'))
@@ -175,12 +184,7 @@ t.test('list returns the newest rows whichever window holds them', async t => {
 })
 
 t.test('a refused row alone in its batch is moved to the log only on the insert\'s verdict', async t => {
-  const db = await createTestDatabase(t)
-  const logged: Array<Record<string, unknown>> = []
-  const log = { info () {}, warn () {}, error (obj: Record<string, unknown>) { logged.push(obj) } }
-  const metrics = createMetrics()
-  const trail = new AuditTrail(auditRepository(db.sql), { bufferMax: 100, batchSize: 10, flushIntervalMs: 5, closeTimeoutMs: 5000, log, metrics })
-  trail.start()
+  const { logged, trail, metrics } = await loggingTrail(t)
   trail.record(row(uuid(1), 'not-an-address'))
   for (let i = 0; i < 200 && trail.depth > 0; i++) await new Promise(resolve => setTimeout(resolve, 5))
   await trail.close()

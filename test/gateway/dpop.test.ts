@@ -11,6 +11,7 @@ import { tokenEncryptionKey } from '../../gateway/tokens.js'
 import { assertOAuthError, assertProblem } from '../helpers/assert.js'
 import { ath, createProofKey, newJti } from '../helpers/dpop.js'
 import type { ProofKey } from '../helpers/dpop.js'
+import { lockReplayStore } from '../helpers/db.js'
 import { startGateway } from '../helpers/gateway.js'
 import type { TestGateway } from '../helpers/gateway.js'
 
@@ -355,23 +356,11 @@ t.test('the replay store fails closed: 503 REPLAY_STORE_UNAVAILABLE, never accep
   t.equal((await use(gw, agent, token, resourceProof(gw, key, token))).status, 200, 'warm: machine and token cached')
 
   // A store that hangs: the table locked by someone else. Refused after the timeout.
-  const locker = postgres(gw.db.url, { max: 1, onnotice: () => {} })
-  let release = (): void => {}
-  const released = new Promise<void>(resolve => { release = resolve })
-  let locked = (): void => {}
-  const lockTaken = new Promise<void>(resolve => { locked = resolve })
-  const holding = locker.begin(async tx => {
-    await tx`lock table replay_ids in access exclusive mode`
-    locked()
-    await released
-  })
-  await lockTaken
+  const unlock = await lockReplayStore(gw.db.url)
   const started = Date.now()
   assertProblem(t, await use(gw, agent, token, resourceProof(gw, key, token)), 503, 'REPLAY_STORE_UNAVAILABLE')
   t.ok(Date.now() - started < 10_000, 'answered without waiting for the lock')
-  release()
-  await holding
-  await locker.end({ timeout: 1 })
+  await unlock()
 
   await gw.db.sql`alter table replay_ids rename to replay_ids_away`
   assertProblem(t, await use(gw, agent, token, resourceProof(gw, key, token)), 503, 'REPLAY_STORE_UNAVAILABLE')

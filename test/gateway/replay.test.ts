@@ -6,7 +6,7 @@ import type { Test } from 'tap'
 import { MAX_STATEMENTS_IN_FLIGHT, MAX_WAITING_CONSUMES, ReplayStore } from '../../gateway/replay.js'
 import { MAX_REPLAY_BATCH } from '../../shared/db/replay.js'
 import { GatewayError } from '../../shared/errors.js'
-import { createTestDatabase } from '../helpers/db.js'
+import { createTestDatabase, lockReplayStore } from '../helpers/db.js'
 
 // The replay store as an attacker meets it: the same proof or token sent many times at
 // once, to one instance or several, while the database is fine, slow, locked or gone.
@@ -44,27 +44,6 @@ function instance (t: Test, url: string): { sql: Sql, store: ReplayStore, batche
     await sql.end({ timeout: 1 })
   })
   return { sql, store, batches }
-}
-
-// Holds an exclusive lock on replay_ids until released: a store that hangs.
-async function lockStore (url: string): Promise<() => Promise<void>> {
-  const locker = postgres(url, { max: 1, onnotice: () => {} })
-  let release = (): void => {}
-  const released = new Promise<void>(resolve => { release = resolve })
-  let locked = (): void => {}
-  const lockTaken = new Promise<void>(resolve => { locked = resolve })
-  const holding = locker.begin(async tx => {
-    await tx`lock table replay_ids in access exclusive mode`
-    locked()
-    await released
-  })
-  await lockTaken
-  return async () => {
-    release()
-    // The test database may have been dropped (with its connections) first.
-    await holding.catch(() => {})
-    await locker.end({ timeout: 1 })
-  }
 }
 
 const settledWithin = async (promises: ReadonlyArray<Promise<Outcome>>, ms: number): Promise<number> => {
@@ -137,7 +116,7 @@ t.test('fails closed: a failed statement refuses its whole batch and consumes no
 t.test('fails closed: a store that hangs refuses within the timeout, and a late commit is fresh to no one', async t => {
   const { url } = await createTestDatabase(t)
   const a = instance(t, url)
-  const release = await lockStore(url)
+  const release = await lockReplayStore(url)
   const ids = Array.from({ length: 50 }, newId)
   const started = Date.now()
   const refused = await Promise.all(ids.map(async id => await outcome(a.store.consume(id, expiry()))))
@@ -162,7 +141,7 @@ t.test('fails closed: a store that hangs refuses within the timeout, and a late 
 t.test('a hung store holds a bounded queue: beyond it, refused at once', async t => {
   const { url } = await createTestDatabase(t)
   const a = instance(t, url)
-  const release = await lockStore(url)
+  const release = await lockReplayStore(url)
   t.teardown(release)
   const extra = 25
   const all = Array.from({ length: MAX_WAITING_CONSUMES + MAX_STATEMENTS_IN_FLIGHT + extra }, async () => await outcome(a.store.consume(newId(), expiry())))
@@ -174,7 +153,7 @@ t.test('a hung store holds a bounded queue: beyond it, refused at once', async t
 t.test('close: waiting consumes are refused at once, statements in flight by their timeout', async t => {
   const { url } = await createTestDatabase(t)
   const a = instance(t, url)
-  const release = await lockStore(url)
+  const release = await lockReplayStore(url)
   t.teardown(release)
   const all = Array.from({ length: 30 }, async () => await outcome(a.store.consume(newId(), expiry())))
   await new Promise(resolve => setTimeout(resolve, 50))

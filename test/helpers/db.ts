@@ -34,3 +34,24 @@ export async function createTestDatabase (t: Test, options: { migrate?: boolean 
   })
   return { url: url.toString(), sql }
 }
+
+// Holds an exclusive lock on replay_ids until released: a store that hangs.
+export async function lockReplayStore (url: string): Promise<() => Promise<void>> {
+  const locker = postgres(url, { max: 1, onnotice: () => {} })
+  let release = (): void => {}
+  const released = new Promise<void>(resolve => { release = resolve })
+  let locked = (): void => {}
+  const lockTaken = new Promise<void>(resolve => { locked = resolve })
+  const holding = locker.begin(async tx => {
+    await tx`lock table replay_ids in access exclusive mode`
+    locked()
+    await released
+  })
+  await lockTaken
+  return async () => {
+    release()
+    // The test database may have been dropped (with its connections) first.
+    await holding.catch(() => {})
+    await locker.end({ timeout: 1 })
+  }
+}
