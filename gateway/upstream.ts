@@ -38,8 +38,13 @@ const RESPONSE_DROP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer',
   'transfer-encoding', 'upgrade',
   'www-authenticate', 'set-cookie', 'server', 'x-powered-by', 'via', 'alt-svc',
-  'x-cloud-trace-context', 'x-envoy-upstream-service-time'
+  'x-cloud-trace-context', 'x-envoy-upstream-service-time',
+  // The gateway's own protocol: its DPoP nonces, not the EHR's.
+  'dpop-nonce'
 ])
+// CORS is the gateway's policy for its own origin (CORS_ORIGINS): an EHR's
+// Access-Control-* headers would open it to origins nobody configured.
+const RESPONSE_DROP_PREFIXES = ['access-control-']
 
 function dropped (name: string): boolean {
   if (REQUEST_DROP.has(name)) return true
@@ -104,7 +109,7 @@ export function clientResponseHeaders (upstream: IncomingHttpHeaders, rewrite: R
   const out: Record<string, string | string[]> = {}
   for (const name in upstream) {
     const value = upstream[name]
-    if (value === undefined || RESPONSE_DROP.has(name) || listed?.has(name) === true || ours(name)) continue
+    if (value === undefined || RESPONSE_DROP.has(name) || RESPONSE_DROP_PREFIXES.some(p => name.startsWith(p)) || listed?.has(name) === true || ours(name)) continue
     out[name] = (name === 'location' || name === 'content-location') && typeof value === 'string'
       ? rewriteLocation(value, rewrite)
       : value

@@ -153,17 +153,19 @@ export function auditRepository (sql: Sql) {
     return await newest(filter, limit)
   }
 
+  // Ties on `at` by the bigint id, not the `id::text` the select list names `id` (as text,
+  // 9 would follow 10).
   async function newest (filter: AuditFilter, limit: number): Promise<AuditEntry[]> {
     return await sql<AuditEntry[]>`
       select ${selectList} from audit_log ${where(filter)}
-      order by at desc, id desc limit ${limit}`
+      order by at desc, audit_log.id desc limit ${limit}`
   }
 
   // Oldest first, read through a server-side cursor: constant memory for any range.
   async function * stream (filter: AuditFilter, batch = 500): AsyncGenerator<AuditEntry> {
     const cursor = sql<AuditEntry[]>`
       select ${selectList} from audit_log ${where(filter)}
-      order by at, id`.cursor(batch)
+      order by at, audit_log.id`.cursor(batch)
     for await (const rows of cursor) yield * rows
   }
 

@@ -191,3 +191,4 @@ t.test('a refused row alone in its batch is moved to the log only on the insert\
   t.match(logged.filter(l => 'audit' in l), [{ audit: { requestId: uuid(1) } }])
   t.equal((await metrics.auditWriteFailures.get()).values[0]?.value, 2, 'the COPY, then the insert')
 })
+

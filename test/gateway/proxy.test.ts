@@ -582,6 +582,19 @@ t.test('upstream cookies, server software and tracing headers stay behind', asyn
   t.equal(res.headers['etag'], 'W/"2"')
 })
 
+// Review finding: CORS and DPoP nonces are the gateway's; an EHR's would open the gateway's
+// origin to sites nobody configured, or hand clients nonces the gateway never issued.
+t.test("the upstream's CORS and DPoP-Nonce headers stay behind", async t => {
+  gw.upstream.setHandler((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/fhir+json', 'access-control-allow-origin': '*', 'access-control-allow-credentials': 'true', 'access-control-expose-headers': 'x-secret', 'dpop-nonce': 'ehr-nonce' })
+    res.end('{}')
+  })
+  t.teardown(() => { gw.upstream.setHandler((_req, res) => { res.writeHead(200, { 'content-type': 'application/fhir+json' }); res.end('{}') }) })
+  const res = await raw(gw, agent, '/fhir/Patient/1', { headers: { ...auth, origin: 'https://evil.example' } })
+  t.equal(res.status, 200)
+  for (const name of ['access-control-allow-origin', 'access-control-allow-credentials', 'access-control-expose-headers', 'dpop-nonce']) t.equal(res.headers[name], undefined, `${name} dropped`)
+})
+
 t.test('method overrides, original-URL and quota headers never reach the upstream', async t => {
   const spoof = {
     'x-http-method-override': 'DELETE',
