@@ -122,9 +122,8 @@ export class AuditTrail implements AuditSink {
     const batch = this.#buffer.slice(0, this.#isolating > 0 ? 1 : this.#batchSize)
     const { metrics, log } = this.#options
     const started = performance.now()
-    const copying = this.#attempted === 0
     try {
-      await (copying ? this.#writer.copyBatch(batch) : this.#writer.insertBatch(batch))
+      await (this.#attempted === 0 ? this.#writer.copyBatch(batch) : this.#writer.insertBatch(batch))
     } catch (err) {
       metrics.auditWriteDuration.labels('failed').observe((performance.now() - started) / 1000)
       metrics.auditWriteFailures.inc()
@@ -133,8 +132,7 @@ export class AuditTrail implements AuditSink {
       // forever and, the buffer full, stop all traffic: find it, and move that one row to the
       // error log. Anything else (connection, lock, permission) is retried as it is.
       if (/^22/.test(String((err as { code?: unknown }).code))) {
-        // Only the insert's verdict moves a row out: a COPY's could be our encoding's.
-        if (batch.length === 1 && !copying) {
+        if (batch.length === 1) {
           this.#buffer.splice(0, 1)
           this.#isolating = Math.max(this.#isolating - 1, 0)
           this.#attempted--

@@ -182,13 +182,3 @@ t.test('list returns the newest rows whichever window holds them', async t => {
   t.same((await repo.list({ since: new Date(now - 3 * HOUR) }, 10)).map(r => r.requestId), [uuid(0), uuid(1), uuid(2)])
   t.same((await repo.list({ since: new Date(now - 500 * 24 * HOUR) }, 10)).length, 7)
 })
-
-t.test('a refused row alone in its batch is moved to the log only on the insert\'s verdict', async t => {
-  const { logged, trail, metrics } = await loggingTrail(t)
-  trail.record(row(uuid(1), 'not-an-address'))
-  for (let i = 0; i < 200 && trail.depth > 0; i++) await new Promise(resolve => setTimeout(resolve, 5))
-  await trail.close()
-  t.match(logged.filter(l => 'audit' in l), [{ audit: { requestId: uuid(1) } }])
-  t.equal((await metrics.auditWriteFailures.get()).values[0]?.value, 2, 'the COPY, then the insert')
-})
-
