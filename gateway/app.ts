@@ -224,7 +224,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     throw err
   }
   const trail = deps.audit === undefined
-    ? new AuditTrail(auditRepository(deps.sql), { ...config.audit, log: app.log, metrics })
+    ? new AuditTrail(auditRepository(deps.sql).insertBatch, { ...config.audit, log: app.log, metrics })
     : undefined
   const audit = deps.audit ?? trail as AuditTrail
   if (trail !== undefined) {

@@ -37,31 +37,22 @@ export interface AuditTrailOptions {
   readonly metrics: Metrics
 }
 
-// What the trail writes with (auditRepository). Both are one atomic statement.
-export interface AuditWriter {
-  // A batch's first attempt: fast, but a request id already in the table refuses it.
-  copyBatch(rows: readonly AuditRecord[]): Promise<unknown>
-  // Every later attempt: an earlier one may have committed with its acknowledgement lost,
-  // and this skips the rows it wrote.
-  insertBatch(rows: readonly AuditRecord[]): Promise<unknown>
-}
-
 const RETRY_MIN_MS = 100
 const RETRY_MAX_MS = 5000
 
 const sleep = async (ms: number): Promise<void> => { await new Promise(resolve => setTimeout(resolve, ms)) }
 
 // Audit rows, buffered in memory and written in batches off the request path (a timer and
-// a size trigger; one COPY per batch, one batch in flight). A failed write keeps its rows
-// at the head of the buffer and is retried with back-off until Postgres takes them; a batch
-// is one statement, so a failure wrote nothing, and a retry (an insert, not a COPY) after a
+// a size trigger; one multi-row insert per batch, one batch in flight). A failed write
+// keeps its rows at the head of the buffer and is retried with back-off until Postgres
+// takes them; a batch is one statement, so a failure wrote nothing, and a retry after a
 // lost acknowledgement is deduplicated by request id. Rows are never dropped: when the
 // buffer holds `bufferMax`, admit() refuses new requests (they get AUDIT_UNAVAILABLE, are
 // counted and logged, not recorded — recording them would grow the buffer without bound
 // under a flood); requests already admitted are still recorded, so the buffer exceeds
 // bufferMax by at most the requests in flight.
 export class AuditTrail implements AuditSink {
-  readonly #writer: AuditWriter
+  readonly #write: (rows: readonly AuditRecord[]) => Promise<unknown>
   readonly #options: AuditTrailOptions
   readonly #batchSize: number
   #buffer: AuditRecord[] = []
@@ -73,11 +64,9 @@ export class AuditTrail implements AuditSink {
   #closed = false
   // Rows to write one at a time, to find a row Postgres refuses in a batch it refused.
   #isolating = 0
-  // Rows at the head of the buffer that were in a failed attempt: written by insertBatch.
-  #attempted = 0
 
-  constructor (writer: AuditWriter, options: AuditTrailOptions) {
-    this.#writer = writer
+  constructor (write: (rows: readonly AuditRecord[]) => Promise<unknown>, options: AuditTrailOptions) {
+    this.#write = write
     this.#options = options
     this.#batchSize = Math.min(options.batchSize, MAX_AUDIT_BATCH)
   }
@@ -123,11 +112,10 @@ export class AuditTrail implements AuditSink {
     const { metrics, log } = this.#options
     const started = performance.now()
     try {
-      await (this.#attempted === 0 ? this.#writer.copyBatch(batch) : this.#writer.insertBatch(batch))
+      await this.#write(batch)
     } catch (err) {
       metrics.auditWriteDuration.labels('failed').observe((performance.now() - started) / 1000)
       metrics.auditWriteFailures.inc()
-      this.#attempted = Math.max(this.#attempted, batch.length)
       // A value Postgres refuses (SQLSTATE class 22, data exception) would fail its batch
       // forever and, the buffer full, stop all traffic: find it, and move that one row to the
       // error log. Anything else (connection, lock, permission) is retried as it is.
@@ -135,7 +123,6 @@ export class AuditTrail implements AuditSink {
         if (batch.length === 1) {
           this.#buffer.splice(0, 1)
           this.#isolating = Math.max(this.#isolating - 1, 0)
-          this.#attempted--
           log.error({ err }, 'Postgres refused an audit row; it follows in this log as "unwritten audit row"')
           this.#unwritten(batch)
         } else {
@@ -154,7 +141,6 @@ export class AuditTrail implements AuditSink {
     metrics.auditRowsWritten.inc(batch.length)
     // Only now, and only these: rows recorded meanwhile were appended behind them.
     this.#buffer.splice(0, batch.length)
-    this.#attempted = Math.max(this.#attempted - batch.length, 0)
     if (this.#isolating > 0) this.#isolating--
     if (this.#failures > 0) {
       log.warn({ failedAttempts: this.#failures, depth: this.#buffer.length }, 'audit writes resumed')

@@ -1,5 +1,4 @@
 import type { Sql } from 'postgres'
-import type { Writable } from 'node:stream'
 import { GatewayError } from '../errors.js'
 
 // One row of audit_log (migration 3) as the gateway writes it.
@@ -107,37 +106,6 @@ export function auditRepository (sql: Sql) {
     return result.count
   }
 
-  // The fast path for a batch's first attempt: COPY text (no jsonb to parse: about half the
-  // insert's Postgres time). One statement, so atomic too, but without `on conflict`: a
-  // batch whose commit may have happened unacknowledged must be retried with insertBatch,
-  // or its request ids would refuse it forever (gateway/audit.ts chooses). A row COPY text
-  // cannot carry as it is (see copyText) makes the batch take insertBatch at once, which
-  // refuses it (class 22) exactly as before, so the writer isolates it.
-  async function copyBatch (rows: readonly AuditRecord[]): Promise<number> {
-    if (rows.length === 0) return 0
-    const text = copyText(rows)
-    if (text === undefined) return await insertBatch(rows)
-    // porsager/postgres#1173 (3.4.9): once the data is sent (end()), a refusal by Postgres or
-    // a dropped connection neither finishes nor errors the writable; the error only reaches
-    // the query's reject, which is moot by then (the query resolved to the stream). Hearing
-    // it there too makes every outcome settle: a hung write would stop the trail for good.
-    const query = sql`copy audit_log (${sql.unsafe(COLUMN_LIST)}) from stdin`
-    const failed = new Promise<never>((_resolve, reject) => {
-      const internal = query as unknown as { reject: (err: unknown) => void }
-      const original = internal.reject
-      internal.reject = err => { reject(err); original(err) }
-    })
-    failed.catch(() => {})
-    const stream: Writable = await Promise.race([query.writable(), failed])
-    const finished = new Promise<void>((resolve, reject) => {
-      stream.once('finish', resolve)
-      stream.once('error', reject)
-    })
-    stream.end(text)
-    await Promise.race([finished, failed])
-    return rows.length
-  }
-
   // Newest first. No index orders by at (migration 4 made it BRIN), so the newest rows are
   // looked for in growing windows back from now, each a BRIN range scan: a window that holds
   // `limit` matching rows holds the newest `limit`, since every row outside is older than
@@ -191,60 +159,5 @@ export function auditRepository (sql: Sql) {
     }
   }
 
-  return { insertBatch, copyBatch, list, stream, prune }
-}
-
-// PostgreSQL COPY text format (docs, COPY, "Text Format"): tab between columns, newline
-// after each row, \N for null; backslash, newline, carriage return and tab in a value are
-// backslash-escaped, every other character stands for itself. What it cannot carry: NUL (no
-// Postgres text holds it) and a lone UTF-16 surrogate (no UTF-8 for it; Buffer would make it
-// U+FFFD, changing the record). For those, undefined.
-const COPY_SPECIAL = /[\u0000\t\n\r\\\ud800-\udfff]/
-const COPY_ESCAPE = /[\t\n\r\\]/g
-const COPY_ESCAPES: Readonly<Record<string, string>> = { '\t': '\\t', '\n': '\\n', '\r': '\\r', '\\': '\\\\' }
-const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/
-const NOT_COPYABLE = /\u0000/
-
-class NotCopyable extends Error {}
-
-function copyValue (value: string | null): string {
-  if (value === null) return '\\N'
-  if (!COPY_SPECIAL.test(value)) return value
-  if (NOT_COPYABLE.test(value) || LONE_SURROGATE.test(value)) throw new NotCopyable()
-  return value.replace(COPY_ESCAPE, c => COPY_ESCAPES[c] as string)
-}
-
-// As JSON.stringify would send it to insertBatch: a number that is not finite is null there.
-function copyNumber (value: number | null): string {
-  return value === null || !Number.isFinite(value) ? '\\N' : String(value)
-}
-
-// text[] input syntax (docs, Arrays, "Array Value Input"): every element double-quoted, so
-// commas, braces, blanks and the word NULL are plain text; backslash and quote escaped inside.
-function arrayLiteral (items: readonly string[]): string {
-  let literal = '{'
-  for (let i = 0; i < items.length; i++) {
-    if (i > 0) literal += ','
-    literal += '"' + (items[i] as string).replace(/["\\]/g, '\\$&') + '"'
-  }
-  return literal + '}'
-}
-
-export function copyText (rows: readonly AuditRecord[]): string | undefined {
-  let text = ''
-  try {
-    for (const r of rows) {
-      text += r.at.toISOString() + '\t' + copyValue(r.requestId) + '\t' + copyValue(r.machineId) + '\t' +
-        copyValue(r.machineName) + '\t' + copyValue(r.certThumbprint) + '\t' + copyValue(r.tokenJti) + '\t' +
-        copyValue(r.clientIp) + '\t' + copyValue(r.method) + '\t' + copyValue(r.route) + '\t' +
-        copyValue(r.path) + '\t' + copyValue(r.resourceType) + '\t' + copyValue(r.resourceId) + '\t' +
-        copyValue(arrayLiteral(r.queryParams)) + '\t' + copyNumber(r.status) + '\t' + copyValue(r.errorCode) + '\t' +
-        copyNumber(r.durationMs) + '\t' + copyNumber(r.upstreamMs) + '\t' + copyNumber(r.bytesIn) + '\t' +
-        copyNumber(r.bytesOut) + '\n'
-    }
-  } catch (err) {
-    if (err instanceof NotCopyable) return undefined
-    throw err
-  }
-  return text
+  return { insertBatch, list, stream, prune }
 }

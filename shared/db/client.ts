@@ -59,13 +59,12 @@ export async function openDatabase (config: Config, options: OpenOptions = {}): 
   }
 }
 
-// postgres(url, options), with TCP_NODELAY. postgres.js leaves Nagle's algorithm on (libpq
-// turns it off): its queries go out in one write each and do not notice, but a COPY sends
-// its data, its CopyDone and then a CopyFail it ignores as separate small packets, and each
-// one after the first waits for the server's delayed ACK: ~85 ms per COPY, 0.6 ms with
-// TCP_NODELAY (a 2-row COPY on loopback, measured). For one TCP host the socket is opened
-// here (postgres.js' documented `socket` option, missing from its types); a Unix socket has
-// no Nagle, and a list of hosts keeps postgres.js' own failover.
+// postgres(url, options), with TCP_NODELAY, as libpq sets it. postgres.js leaves Nagle's
+// algorithm on: a message that leaves in more than one packet (a batch of audit rows, a
+// COPY) then holds its last partial packet until the server's delayed ACK, ~40 ms a time
+// (a 2-row COPY on loopback took ~85 ms with Nagle, 0.6 ms without). For one TCP host the
+// socket is opened here (postgres.js' documented `socket` option, missing from its types);
+// a Unix socket has no Nagle, and a list of hosts keeps postgres.js' own failover.
 export function postgresClient (url: string, options: Options<{}>): Sql {
   const { host, port, path } = postgres(url, options).options as { host: string[], port: number[], path: unknown }
   const [onlyHost, onlyPort] = [host[0], port[0]]

@@ -62,7 +62,7 @@ try {
   })
   const log = { info () {}, warn () {}, error (o: unknown) { console.error(o) } }
   for (const batchSize of [100, 500, 2000]) {
-    const trail = new AuditTrail(auditRepository(sql), { bufferMax: ROWS * 2, batchSize, flushIntervalMs: 200, closeTimeoutMs: 60_000, log, metrics: createMetrics() })
+    const trail = new AuditTrail(auditRepository(sql).insertBatch, { bufferMax: ROWS * 2, batchSize, flushIntervalMs: 200, closeTimeoutMs: 60_000, log, metrics: createMetrics() })
     trail.start()
     const gc = (globalThis as { gc?: () => void }).gc
     gc?.()

@@ -42,8 +42,7 @@ t.test('a row recorded after close goes to the log rather than nowhere', async t
   const logged: unknown[] = []
   const log = { info () {}, warn () {}, error (obj: unknown) { logged.push(obj) } }
   const written: AuditRecord[] = []
-  const write = async (rows: readonly AuditRecord[]): Promise<void> => { written.push(...rows) }
-  const trail = new AuditTrail({ copyBatch: write, insertBatch: write }, { bufferMax: 10, batchSize: 2, flushIntervalMs: 1000, closeTimeoutMs: 100, log, metrics: createMetrics() })
+  const trail = new AuditTrail(async rows => { written.push(...rows) }, { bufferMax: 10, batchSize: 2, flushIntervalMs: 1000, closeTimeoutMs: 100, log, metrics: createMetrics() })
   trail.start()
   trail.record(row('a'))
   trail.record(row('b')) // a full batch is written at once, without waiting for the timer
@@ -60,8 +59,7 @@ t.test('a row recorded after close goes to the log rather than nowhere', async t
 t.test('close with no time left logs the buffered rows', async t => {
   const logged: unknown[] = []
   const log = { info () {}, warn () {}, error (obj: unknown) { logged.push(obj) } }
-  const down = async (): Promise<never> => { throw new Error('down') }
-  const trail = new AuditTrail({ copyBatch: down, insertBatch: down }, { bufferMax: 10, batchSize: 5, flushIntervalMs: 1000, closeTimeoutMs: 0, log, metrics: createMetrics() })
+  const trail = new AuditTrail(async () => { throw new Error('down') }, { bufferMax: 10, batchSize: 5, flushIntervalMs: 1000, closeTimeoutMs: 0, log, metrics: createMetrics() })
   trail.record(row('x'))
   await trail.close()
   t.match(logged, [{ rows: 1 }, { audit: { requestId: 'x' } }])
