@@ -7,6 +7,7 @@ import t from 'tap'
 import { request } from 'undici'
 import { createTestDatabase } from '../helpers/db.js'
 import { createPki } from '../helpers/gateway.js'
+import { developmentDir } from '../helpers/process.js'
 import { startRecordingUpstream } from '../helpers/upstream.js'
 
 // The production process as an operator runs it: built JS, environment only.
@@ -99,17 +100,7 @@ t.test('refuses an unmigrated database, then starts, serves and drains on SIGTER
 // the development fallbacks (embedded Postgres in ./.data) then apply, and stop cleanly.
 t.test('NODE_ENV=development in .env selects the embedded Postgres', async t => {
   const pki = await createPki(t)
-  const dir = t.testdir({
-    '.env': [
-      'NODE_ENV=development',
-      `TLS_CERT_FILE=${pki.certFile}`,
-      `TLS_KEY_FILE=${pki.keyFile}`,
-      `TLS_CLIENT_CA_FILE=${pki.caFile}`,
-      'EHR_UPSTREAM_URL=http://127.0.0.1:1/fhir',
-      'GATEWAY_PORT=0',
-      'OPS_PORT=0'
-    ].join('\n')
-  })
+  const dir = developmentDir(t, pki)
   const run = await start({}, undefined, dir)
   t.equal(run.code, 1)
   t.match(run.stderr, /DB_NOT_MIGRATED.*ehrctl db migrate/, 'reached the embedded database, unmigrated')

@@ -8,7 +8,7 @@ import { request } from 'undici'
 import { writeKeyPair } from '../../gateway/demo/pki.js'
 import { createPki } from '../helpers/gateway.js'
 import type { Pki } from '../helpers/gateway.js'
-import { SERVER, once, serverSetup, spawnServer } from '../helpers/process.js'
+import { SERVER, developmentDir, once, serverSetup, spawnServer } from '../helpers/process.js'
 import type { LogLine, ServerProcess, ServerSetup } from '../helpers/process.js'
 
 if (!existsSync(SERVER)) t.plan(0, 'dist/ missing: npm test builds before running the suite')
@@ -158,18 +158,7 @@ t.test('SIGHUP to the primary reloads the TLS files in every worker', async t =>
 // its URL to the workers (rather than each worker racing to start its own), and stops it.
 t.test('with workers, the primary owns the embedded development Postgres', async t => {
   const pki = await createPki(t)
-  const dir = t.testdir({
-    '.env': [
-      'NODE_ENV=development',
-      `TLS_CERT_FILE=${pki.certFile}`,
-      `TLS_KEY_FILE=${pki.keyFile}`,
-      `TLS_CLIENT_CA_FILE=${pki.caFile}`,
-      'EHR_UPSTREAM_URL=http://127.0.0.1:1/fhir',
-      'GATEWAY_PORT=0',
-      'OPS_PORT=0',
-      'GATEWAY_WORKERS=2'
-    ].join('\n')
-  })
+  const dir = developmentDir(t, pki, ['GATEWAY_WORKERS=2'])
   const server = spawnServer(t, {}, dir)
   t.equal(await server.exited, 1)
   t.match(server.stderr, /DB_NOT_MIGRATED/, 'a worker reached the embedded database, unmigrated')

@@ -117,3 +117,20 @@ export async function once (url: string, setup: ServerSetup, path: string, optio
     await agent.close()
   }
 }
+
+// A working directory whose .env says development, as a developer's checkout would: no
+// DATABASE_URL, so the gateway falls back to the embedded Postgres in ./.data.
+export function developmentDir (t: Test, pki: Pki, extra: readonly string[] = []): string {
+  return t.testdir({
+    '.env': [
+      'NODE_ENV=development',
+      `TLS_CERT_FILE=${pki.certFile}`,
+      `TLS_KEY_FILE=${pki.keyFile}`,
+      `TLS_CLIENT_CA_FILE=${pki.caFile}`,
+      'EHR_UPSTREAM_URL=http://127.0.0.1:1/fhir',
+      'GATEWAY_PORT=0',
+      'OPS_PORT=0',
+      ...extra
+    ].join('\n')
+  })
+}
