@@ -46,9 +46,9 @@ const RESPONSE_DROP = new Set([
 // Access-Control-* headers would open it to origins nobody configured.
 const RESPONSE_DROP_PREFIXES = ['access-control-']
 
-function dropped (name: string): boolean {
-  if (REQUEST_DROP.has(name)) return true
-  for (const prefix of REQUEST_DROP_PREFIXES) if (name.startsWith(prefix)) return true
+function dropped (name: string, names: ReadonlySet<string>, prefixes: readonly string[]): boolean {
+  if (names.has(name)) return true
+  for (const prefix of prefixes) if (name.startsWith(prefix)) return true
   return false
 }
 
@@ -74,7 +74,7 @@ export function upstreamRequestHeaders (incoming: IncomingHttpHeaders, apiKeyHea
   const out: Record<string, string | string[]> = {}
   for (const name in incoming) {
     const value = incoming[name]
-    if (value === undefined || dropped(name) || name === apiKeyHeader || name in credentials || listed?.has(name) === true) continue
+    if (value === undefined || dropped(name, REQUEST_DROP, REQUEST_DROP_PREFIXES) || name === apiKeyHeader || name in credentials || listed?.has(name) === true) continue
     out[name] = value
   }
   for (const name in credentials) out[name] = credentials[name] as string
@@ -109,7 +109,7 @@ export function clientResponseHeaders (upstream: IncomingHttpHeaders, rewrite: R
   const out: Record<string, string | string[]> = {}
   for (const name in upstream) {
     const value = upstream[name]
-    if (value === undefined || RESPONSE_DROP.has(name) || RESPONSE_DROP_PREFIXES.some(p => name.startsWith(p)) || listed?.has(name) === true || ours(name)) continue
+    if (value === undefined || dropped(name, RESPONSE_DROP, RESPONSE_DROP_PREFIXES) || listed?.has(name) === true || ours(name)) continue
     out[name] = (name === 'location' || name === 'content-location') && typeof value === 'string'
       ? rewriteLocation(value, rewrite)
       : value
