@@ -4,8 +4,8 @@
 //      sink that discards rows, alternating rounds in one run.
 // npm run build && DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres node --expose-gc dist/test/perf/audit.js
 //   PERF_ROWS (200000), PERF_SECONDS (5), PERF_ROUNDS (3), PERF_CONNECTIONS (20)
-import { X509Certificate, randomBytes, randomUUID } from 'node:crypto'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { randomBytes, randomUUID } from 'node:crypto'
+import { mkdtemp, rm } from 'node:fs/promises'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
@@ -15,17 +15,14 @@ import { request, Agent } from 'undici'
 import { AuditTrail } from '../../gateway/audit.js'
 import type { AuditSink } from '../../gateway/audit.js'
 import { buildGateway } from '../../gateway/app.js'
-import { createDevCa, writeKeyPair } from '../../gateway/demo/pki.js'
 import { createMetrics } from '../../gateway/metrics.js'
 import { createUpstreamPool } from '../../gateway/upstream.js'
-import { describeCertificate } from '../../shared/certificates.js'
-import { loadGatewayConfig } from '../../shared/config.js'
 import { auditRepository } from '../../shared/db/audit.js'
 import type { AuditRecord } from '../../shared/db/audit.js'
 import { postgresClient } from '../../shared/db/client.js'
-import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { migrate } from '../../shared/db/migrations.js'
 import type { LoadJob, LoadResult } from '../bench/load-worker.js'
+import { perfGateway } from './setup.js'
 
 const env = process.env
 const ROWS = Number(env['PERF_ROWS'] ?? 200_000)
@@ -82,21 +79,9 @@ try {
 
   // 2. Latency with audit on vs off, same process, same database, alternating rounds.
   const { port: upstreamPort } = await upstreamReady
-  const ca = await createDevCa()
-  const server = await writeKeyPair(work, 'server', await ca.issueServer({ commonName: 'localhost' }))
-  const caFile = join(work, 'ca.crt')
-  await writeFile(caFile, ca.cert)
-  const client = await ca.issueClient({ commonName: 'ws-perf-01' })
-  await machinesRepository(sql).add(machineRecord('ws-perf-01', describeCertificate(new X509Certificate(client.cert)), null))
-  const config = loadGatewayConfig({
-    NODE_ENV: 'production', DATABASE_URL: dbUrl.toString(), TLS_CERT_FILE: server.certFile, TLS_KEY_FILE: server.keyFile,
-    TLS_CLIENT_CA_FILE: caFile, EHR_UPSTREAM_URL: `http://127.0.0.1:${upstreamPort}/fhir`, EHR_API_KEY: 'k'.repeat(32),
-    TOKEN_KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64'), TOKEN_ISSUER: 'https://localhost', TOKEN_TTL_SECONDS: '3600',
-    RATE_LIMIT_MAX: '100000000', LOG_LEVEL: 'info'
-  })
+  const { config, tls } = await perfGateway(sql, work, dbUrl.toString(), upstreamPort)
   const discard = new Writable({ write (_c, _e, done) { done() } })
   const discardingSink: AuditSink = { admit: () => true, record () {}, full: false }
-  const tls = { ca: ca.cert, cert: client.cert, key: client.key }
 
   async function round (audit: boolean): Promise<LoadResult> {
     const pool = createUpstreamPool(config)

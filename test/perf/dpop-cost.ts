@@ -3,9 +3,9 @@
 // parts in isolation (proof verification, replay-store round trip). Not part of `npm test`.
 //   npm run build && DATABASE_URL=postgres://… node dist/test/perf/dpop-cost.js
 //   PERF_SECONDS (5) per round, PERF_ROUNDS (3), PERF_CONNECTIONS (50), PERF_PROOFS (20000)
-import { X509Certificate, createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify } from 'node:crypto'
+import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign, verify } from 'node:crypto'
 import type { KeyObject } from 'node:crypto'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm } from 'node:fs/promises'
 import { createServer } from 'node:http'
 import { cpus, loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -94,13 +94,10 @@ function percentile (sorted: number[], p: number): number {
 
 async function main (): Promise<void> {
   const { buildGateway } = await import('../../gateway/app.js')
-  const { createDevCa, writeKeyPair } = await import('../../gateway/demo/pki.js')
   const { checkProof } = await import('../../gateway/dpop.js')
   const { createUpstreamPool } = await import('../../gateway/upstream.js')
-  const { describeCertificate } = await import('../../shared/certificates.js')
-  const { loadGatewayConfig } = await import('../../shared/config.js')
-  const { machineRecord, machinesRepository } = await import('../../shared/db/machines.js')
   const { migrate } = await import('../../shared/db/migrations.js')
+  const { perfGateway } = await import('./setup.js')
   const { replayRepository } = await import('../../shared/db/replay.js')
   const { postgresClient } = await import('../../shared/db/client.js')
 
@@ -120,31 +117,11 @@ async function main (): Promise<void> {
   try {
     const { port: upstreamPort } = await new Promise<{ port: number }>(resolve => { upstream.once('message', resolve) })
     await migrate(sql)
-    const ca = await createDevCa()
-    const server = await writeKeyPair(work, 'server', await ca.issueServer({ commonName: 'localhost' }))
-    const caFile = join(work, 'ca.crt')
-    await writeFile(caFile, ca.cert)
-    const client = await ca.issueClient({ commonName: 'ws-perf-01' })
-    await machinesRepository(sql).add(machineRecord('ws-perf-01', describeCertificate(new X509Certificate(client.cert)), null))
-    const config = loadGatewayConfig({
-      NODE_ENV: 'production',
-      DATABASE_URL: dbUrl.toString(),
-      TLS_CERT_FILE: server.certFile,
-      TLS_KEY_FILE: server.keyFile,
-      TLS_CLIENT_CA_FILE: caFile,
-      EHR_UPSTREAM_URL: `http://127.0.0.1:${upstreamPort}/fhir`,
-      EHR_API_KEY: randomBytes(16).toString('hex'),
-      TOKEN_KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
-      TOKEN_ISSUER: 'https://localhost',
-      TOKEN_TTL_SECONDS: '3600',
-      RATE_LIMIT_MAX: '100000000',
-      LOG_LEVEL: 'info'
-    })
+    const { config, tls } = await perfGateway(sql, work, dbUrl.toString(), upstreamPort)
     const pool = createUpstreamPool(config)
     const app = await buildGateway(config, { sql, upstream: pool, logStream: new Writable({ write (_c, _e, done) { done() } }) })
     await app.listen({ host: '127.0.0.1', port: 0 })
     const origin = `https://localhost:${(app.server.address() as { port: number }).port}`
-    const tls = { ca: ca.cert, cert: client.cert, key: client.key }
     const path = '/fhir/Patient/perf-0001'
     const htu = `${config.gateway.publicUrl}${path}`
 
