@@ -50,6 +50,19 @@ const LIST_WINDOWS_MS = [HOUR_MS, 24 * HOUR_MS, 7 * 24 * HOUR_MS, 31 * 24 * HOUR
 // The trigger of migration 3 refuses younger rows whatever the caller asks.
 export const MIN_AUDIT_RETENTION_MS = 86_400_000
 
+// The text form of a one-dimensional array (Postgres docs §8.15.6). Every element is quoted,
+// so inside the quotes only `"` and `\` are special; NULL is the bare word. A query_params
+// array rides inside another as one such literal, escaped again.
+export function arrayLiteral (values: ReadonlyArray<string | number | null>): string {
+  let literal = '{'
+  for (let i = 0; i < values.length; i++) {
+    const value = values[i]
+    if (i > 0) literal += ','
+    literal += value === null || value === undefined ? 'NULL' : `"${String(value).replace(/["\\]/g, '\\$&')}"`
+  }
+  return literal + '}'
+}
+
 export function auditRepository (sql: Sql) {
   // Explicit casts so numbers arrive as numbers and the address as text.
   const selectList = sql`
@@ -68,40 +81,29 @@ export function auditRepository (sql: Sql) {
   }
 
   // One statement, so atomic: a failure wrote nothing. `on conflict do nothing` makes a
-  // retry of a batch whose commit was acknowledged too late insert nothing twice. The rows
-  // travel as one jsonb parameter: no 65535-parameter ceiling, and no array parameter
-  // (client.ts turns postgres.js' array-type lookup off). Returns how many rows were new.
+  // retry of a batch whose commit was acknowledged too late insert nothing twice. Each column
+  // travels as one array literal, unnest()ed back into rows: no 65535-parameter ceiling, no
+  // postgres.js array types (client.ts turns their lookup off), and a fifth less Postgres CPU
+  // per row than the jsonb_to_recordset this replaced (the bench's audit cost). Returns how
+  // many rows were new.
   async function insertBatch (rows: readonly AuditRecord[]): Promise<number> {
     if (rows.length === 0) return 0
-    const json = sql.json(rows.map(r => ({
-      at: r.at.toISOString(),
-      request_id: r.requestId,
-      machine_id: r.machineId,
-      machine_name: r.machineName,
-      cert_thumbprint: r.certThumbprint,
-      token_jti: r.tokenJti,
-      client_ip: r.clientIp,
-      method: r.method,
-      route: r.route,
-      path: r.path,
-      resource_type: r.resourceType,
-      resource_id: r.resourceId,
-      query_params: [...r.queryParams],
-      status: r.status,
-      error_code: r.errorCode,
-      duration_ms: r.durationMs,
-      upstream_ms: r.upstreamMs,
-      bytes_in: r.bytesIn,
-      bytes_out: r.bytesOut
-    })))
+    const column = (value: (r: AuditRecord) => string | number | null): string => arrayLiteral(rows.map(value))
     const result = await sql`
       insert into audit_log (${sql.unsafe(COLUMN_LIST)})
-      select ${sql.unsafe(COLUMN_LIST)}
-      from jsonb_to_recordset(${json}) as r (
-        at timestamptz, request_id uuid, machine_id uuid, machine_name text, cert_thumbprint text,
-        token_jti text, client_ip inet, method text, route text, path text, resource_type text,
-        resource_id text, query_params text[], status smallint, error_code text,
-        duration_ms double precision, upstream_ms double precision, bytes_in bigint, bytes_out bigint)
+      select at, request_id, machine_id, machine_name, cert_thumbprint, token_jti, client_ip, method,
+        route, path, resource_type, resource_id, query_params::text[], status, error_code, duration_ms,
+        upstream_ms, bytes_in, bytes_out
+      from unnest(
+        ${column(r => r.at.toISOString())}::timestamptz[], ${column(r => r.requestId)}::uuid[],
+        ${column(r => r.machineId)}::uuid[], ${column(r => r.machineName)}::text[],
+        ${column(r => r.certThumbprint)}::text[], ${column(r => r.tokenJti)}::text[],
+        ${column(r => r.clientIp)}::inet[], ${column(r => r.method)}::text[], ${column(r => r.route)}::text[],
+        ${column(r => r.path)}::text[], ${column(r => r.resourceType)}::text[], ${column(r => r.resourceId)}::text[],
+        ${column(r => arrayLiteral(r.queryParams))}::text[], ${column(r => r.status)}::smallint[],
+        ${column(r => r.errorCode)}::text[], ${column(r => r.durationMs)}::float8[],
+        ${column(r => r.upstreamMs)}::float8[], ${column(r => r.bytesIn)}::int8[], ${column(r => r.bytesOut)}::int8[]
+      ) as r (${sql.unsafe(COLUMN_LIST)})
       on conflict (request_id) do nothing`
     return result.count
   }

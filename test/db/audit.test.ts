@@ -62,3 +62,29 @@ t.test('list returns the newest rows whichever window holds them', async t => {
   t.same((await repo.list({ since: new Date(now - 3 * HOUR) }, 10)).map(r => r.requestId), [uuid(0), uuid(1), uuid(2)])
   t.same((await repo.list({ since: new Date(now - 500 * 24 * HOUR) }, 10)).length, 7)
 })
+
+// Each column travels as an array literal: a value that looks like array syntax, quoting,
+// escaping or NULL is still just that value when read back.
+t.test('values that look like array-literal syntax are stored as sent', async t => {
+  const db = await createTestDatabase(t)
+  const repo = auditRepository(db.sql)
+  const hostile = ['NULL', '', '"', '\\', '\\"', '{a,b}', 'a,b', ' padded ', '}{', 'ünïcødé 🩺', "it's", '\t\n', '\\N']
+  const rows: AuditRecord[] = hostile.map((text, i) => ({
+    ...row(uuid(100 + i)),
+    machineName: text,
+    path: `/fhir/Patient/${text}`,
+    resourceId: text,
+    queryParams: [text, `${text}2`, 'NULL'],
+    errorCode: i % 2 === 0 ? null : text
+  }))
+  rows.push({ ...row(uuid(99)), queryParams: [], resourceId: null, resourceType: null, upstreamMs: null, machineName: null })
+  t.equal(await repo.insertBatch(rows), rows.length)
+  const stored = new Map((await repo.list({}, 100)).map(r => [r.requestId, r]))
+  for (const sent of rows) {
+    t.match(stored.get(sent.requestId), {
+      machineName: sent.machineName, path: sent.path, resourceId: sent.resourceId, resourceType: sent.resourceType,
+      errorCode: sent.errorCode, upstreamMs: sent.upstreamMs
+    }, JSON.stringify(sent.machineName))
+    t.same(stored.get(sent.requestId)?.queryParams, sent.queryParams, `query params of ${JSON.stringify(sent.machineName)}`)
+  }
+})
