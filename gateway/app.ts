@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto'
 import type { X509Certificate } from 'node:crypto'
 import { STATUS_CODES } from 'node:http'
 import type { Server as TlsServer } from 'node:tls'
@@ -24,6 +23,7 @@ import type { Metrics, MetricSources } from './metrics.js'
 import { Possession } from './possession.js'
 import { MachineRegistry } from './registry.js'
 import { ReplayStore } from './replay.js'
+import { requestId } from './request-id.js'
 import { proxyRoutes } from './routes/proxy.js'
 import type { StampHeaders } from './routes/proxy.js'
 import { isOAuthFormRequest, oauthError, tokenRoutes } from './routes/token.js'
@@ -155,7 +155,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     // One access-log line per request (onResponse below) instead of Fastify's two.
     logController: new LogController({ disableRequestLogging: true }),
     routerOptions: { maxParamLength: 1000 },
-    genReqId: () => randomUUID(),
+    genReqId: () => requestId(),
     // A client-chosen request id would let it forge correlation in our logs.
     requestIdHeader: false,
     // URLs the router cannot even decode never reach hooks (the security headers' included) or the error
