@@ -23,9 +23,31 @@ t.test('Lru evicts the least recently used entry', async t => {
   t.equal(lru.get('a'), 1)
   t.equal(lru.get('c'), 3)
   lru.delete('a')
+  t.equal(lru.get('a'), undefined)
   t.equal(lru.size, 1)
   lru.clear()
   t.equal(lru.size, 0)
+  t.equal(lru.get('c'), undefined)
+})
+
+t.test('Lru keeps the max most recently used entries and holds at most twice max', async t => {
+  const max = 100
+  const lru = new Lru<number, number>(max)
+  const recent: number[] = []
+  let largest = 0
+  for (let i = 0; i < 10_000; i++) {
+    // Every third step reads an older key back, as a kept-alive client's token would be.
+    const key = i % 3 === 0 && recent.length > 0 ? recent[Math.floor(recent.length / 2)] as number : i
+    if (lru.get(key) === undefined) lru.set(key, key)
+    recent.splice(recent.indexOf(key) >>> 0, recent.includes(key) ? 1 : 0)
+    recent.push(key)
+    if (recent.length > max) recent.shift()
+    largest = Math.max(largest, lru.size)
+    if (i % 500 === 0) for (const k of recent) t.equal(lru.get(k), k, `key ${k} among the ${max} most recent at step ${i}`)
+  }
+  t.ok(largest <= 2 * max, `at most 2 × max entries (${largest})`)
+  lru.set(recent[0] as number, -1)
+  t.equal(lru.get(recent[0] as number), -1, 'set replaces a value in either generation')
 })
 
 t.test('Secret never shows its value by accident', async t => {
