@@ -50,15 +50,20 @@ const LIST_WINDOWS_MS = [HOUR_MS, 24 * HOUR_MS, 7 * 24 * HOUR_MS, 31 * 24 * HOUR
 // The trigger of migration 3 refuses younger rows whatever the caller asks.
 export const MIN_AUDIT_RETENTION_MS = 86_400_000
 
-// The text form of a one-dimensional array (Postgres docs §8.15.6). Every element is quoted,
-// so inside the quotes only `"` and `\` are special; NULL is the bare word. A query_params
-// array rides inside another as one such literal, escaped again.
-export function arrayLiteral (values: ReadonlyArray<string | number | null>): string {
+// The text form of a one-dimensional array (Postgres docs §8.15.6). Every string is quoted,
+// so inside the quotes only `"` and `\` are special; a number needs no quotes; NULL is the
+// bare word. A query_params array rides inside another as one such literal, escaped again.
+const ARRAY_SPECIAL = /["\\]/
+const ARRAY_SPECIALS = /["\\]/g
+
+export function arrayLiteral<T> (items: readonly T[], value: (item: T) => string | number | null = v => v as string | number | null): string {
   let literal = '{'
-  for (let i = 0; i < values.length; i++) {
-    const value = values[i]
+  for (let i = 0; i < items.length; i++) {
+    const v = value(items[i] as T)
     if (i > 0) literal += ','
-    literal += value === null || value === undefined ? 'NULL' : `"${String(value).replace(/["\\]/g, '\\$&')}"`
+    if (v === null) literal += 'NULL'
+    else if (typeof v === 'number') literal += String(v)
+    else literal += ARRAY_SPECIAL.test(v) ? `"${v.replace(ARRAY_SPECIALS, '\\$&')}"` : `"${v}"`
   }
   return literal + '}'
 }
@@ -88,7 +93,7 @@ export function auditRepository (sql: Sql) {
   // many rows were new.
   async function insertBatch (rows: readonly AuditRecord[]): Promise<number> {
     if (rows.length === 0) return 0
-    const column = (value: (r: AuditRecord) => string | number | null): string => arrayLiteral(rows.map(value))
+    const column = (value: (r: AuditRecord) => string | number | null): string => arrayLiteral(rows, value)
     const result = await sql`
       insert into audit_log (${sql.unsafe(COLUMN_LIST)})
       select at, request_id, machine_id, machine_name, cert_thumbprint, token_jti, client_ip, method,
