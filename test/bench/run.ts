@@ -282,6 +282,7 @@ http {
     ...variants.map(v => ({ id: v.id, name: `gateway Bearer, ${v.id} (${Object.entries(v.env).map(([k, x]) => `${k}=${x}`).join(' ')})`, kind: 'get' as const, start: async () => await startGateway(v.env) })),
     ...(refDist === undefined ? [] : [{ id: 'bearer-ref', name: `gateway Bearer, reference build (${refDist})`, kind: 'get' as const, start: async () => await startGateway({}, { dist: refDist }) }]),
     { id: 'dpop', name: 'gateway DPoP (proof + replay check per request)', kind: 'dpop', start: async () => await startGateway({ TOKEN_REQUIRE_DPOP: 'true' }, cpuProf === undefined ? {} : { cpuProf }), probe: probes.dpop },
+    ...(refDist === undefined ? [] : [{ id: 'dpop-ref', name: `gateway DPoP, reference build (${refDist})`, kind: 'dpop' as const, start: async () => await startGateway({ TOKEN_REQUIRE_DPOP: 'true' }, { dist: refDist }), probe: probes.dpop }]),
     { id: 'single-use', name: 'gateway single-use (token + call pairs)', kind: 'single-use', start: async () => await startGateway({ TOKEN_SINGLE_USE: 'true' }), probe: probes.singleUse },
     { id: 'workers-auto', name: 'gateway Bearer, GATEWAY_WORKERS=auto', kind: 'get', start: async () => await startGateway({ GATEWAY_WORKERS: 'auto' }) }
   ]
