@@ -99,6 +99,12 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
       let res: ServerResponse | undefined
       let dropped = 0
       let droppedBytes = 0
+      // undici suspends bodyTimeout while the body is paused for a client that does not read,
+      // so nothing else would ever free the pooled connection: the body must move at least
+      // every UPSTREAM_BODY_TIMEOUT_MS, whichever side stalls it (nginx's send_timeout). Armed
+      // only on a pause, so answers that never fill the socket cost no timer.
+      let stall: NodeJS.Timeout | undefined
+      let stalled = false
       upstream.dispatch({
         method,
         path,
@@ -133,7 +139,11 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
             c.abort(err as Error)
             return
           }
-          res.on('drain', () => { c.resume() })
+          res.on('drain', () => {
+            clearTimeout(stall)
+            stall = undefined
+            c.resume()
+          })
         },
         onResponseData (c, chunk) {
           if (res === undefined) {
@@ -145,10 +155,18 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
           }
           if (res.write(chunk)) return
           // A destroyed response never drains: stop the upstream rather than wait for it.
-          if (res.destroyed) c.abort(new Error('the client closed the request'))
-          else c.pause()
+          if (res.destroyed) {
+            c.abort(new Error('the client closed the request'))
+            return
+          }
+          c.pause()
+          stall ??= setTimeout(() => {
+            stalled = true
+            c.abort(new Error('the client stopped reading'))
+          }, bodyTimeoutMs).unref()
         },
         onResponseEnd () {
+          clearTimeout(stall)
           if (res === undefined) {
             resolve({ sent: false, status: dropped })
             return
@@ -157,12 +175,14 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
           resolve(SENT)
         },
         onResponseError (_c, err) {
+          clearTimeout(stall)
           if (res === undefined) {
             if (dropped !== 0) resolve({ sent: false, status: dropped })
             else reject(err)
             return
           }
-          if (aborted) request.log.info('client closed the request during the response')
+          if (stalled) request.log.warn({ bodyTimeoutMs }, 'client stopped reading; response cut after UPSTREAM_BODY_TIMEOUT_MS')
+          else if (aborted) request.log.info('client closed the request during the response')
           else request.log.warn({ err: translateUpstreamError(err, true) }, 'upstream response body failed')
           res.destroy()
           resolve(SENT)
