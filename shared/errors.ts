@@ -131,6 +131,11 @@ export const errorSpecs = {
   CLIENT_CLOSED_REQUEST: spec(499, 'Client closed request',
     'the client went away before the answer was ready',
     'Nothing to fix on the gateway; the EHR request was cancelled with it (nginx logs this as 499).'),
+  // Never sent (the answer's headers are out when it happens): it names, in the audit row and
+  // the request metrics, an answer the gateway cut off because the client stopped reading.
+  CLIENT_STOPPED_READING: spec(408, 'Client stopped reading',
+    'the client read nothing of the answer for UPSTREAM_BODY_TIMEOUT_MS',
+    'Nothing to fix on the gateway, unless clients are just slow readers: then raise UPSTREAM_BODY_TIMEOUT_MS.'),
 
   // ---- upstream
   UPSTREAM_UNAVAILABLE: spec(502, 'EHR unavailable',

@@ -162,6 +162,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
           c.pause()
           stall ??= setTimeout(() => {
             stalled = true
+            request.errorCode = 'CLIENT_STOPPED_READING'
             c.abort(new Error('the client stopped reading'))
           }, bodyTimeoutMs).unref()
         },
