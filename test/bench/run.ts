@@ -13,7 +13,7 @@
 //   extra Bearer rows with more gateway environment; name their ids in BENCH_ROWS too),
 //   BENCH_RATE (the table at a fixed rate: compares CPU s / 1k req), DATABASE_URL (else embedded).
 import { randomBytes, X509Certificate } from 'node:crypto'
-import { existsSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { cpus, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
@@ -57,6 +57,9 @@ const mode = args.has('--soak') ? 'soak' : args.has('--micro') ? 'micro' : 'tabl
 const dist = fileURLToPath(new URL('../../', import.meta.url)) // dist/
 const resultsDir = fileURLToPath(new URL('./results/', import.meta.url)).replace('/dist/test/', '/test/')
 const PATH = '/fhir/Patient/bench-0001'
+// The gateway runs as `npm start` runs it: with the node flags of package.json's start script.
+const startScript = (JSON.parse(readFileSync(join(dist, '..', 'package.json'), 'utf8')) as { scripts: { start: string } }).scripts.start
+const startFlags = startScript.split(/\s+/).filter(arg => arg.startsWith('--'))
 
 async function load (job: LoadJob): Promise<LoadResult> {
   const w = new Worker(new URL('./load-worker.js', import.meta.url), { workerData: job })
@@ -131,7 +134,7 @@ try {
     const port = await freePort()
     const opsPort = await freePort()
     const cwd = await mkdtemp(join(work, 'gw-')) // no developer .env is read
-    const nodeArgs = options.cpuProf === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProf}`]
+    const nodeArgs = [...startFlags, ...(options.cpuProf === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${options.cpuProf}`])]
     const proc = start(process.execPath, [...nodeArgs, join(options.dist ?? dist, 'gateway/server.js')], {
       ...gatewayBaseEnv, GATEWAY_HOST: '127.0.0.1', GATEWAY_PORT: String(port), OPS_HOST: '127.0.0.1', OPS_PORT: String(opsPort), ...env
     }, { cwd, stdout: 'ignore' })
@@ -185,7 +188,8 @@ try {
   }
 
   async function startPlainProxy (): Promise<Started> {
-    const nodeArgs = cpuProf === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${cpuProf}`, '--cpu-prof-name=fastify-proxy.cpuprofile']
+    // The same node flags as the gateway: the ratio then measures the code, not the tuning.
+    const nodeArgs = [...startFlags, ...(cpuProf === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${cpuProf}`, '--cpu-prof-name=fastify-proxy.cpuprofile'])]
     const proc = start(process.execPath, [...nodeArgs, join(dist, 'test/bench/plain-proxy.js')], {
       PATH: process.env['PATH'], BENCH_CERT: server.certFile, BENCH_KEY: server.keyFile, BENCH_CA: caFile, BENCH_UPSTREAM: upstreamOrigin
     })
@@ -288,7 +292,7 @@ http {
   ]
   const only = process.env['BENCH_ROWS']?.split(',')
   const header = `# ehr-gateway bench: ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB, Node ${process.version}, ` +
-    `${connections} connections, ${bytes} B responses, ${rounds} rounds × ${seconds}s after ${warmup}s warm-up`
+    `${connections} connections, ${bytes} B responses, ${rounds} rounds × ${seconds}s after ${warmup}s warm-up; gateway: node ${startFlags.join(' ')}`
   const machine = { cores: cpus().length, cpu: cpus()[0]?.model ?? '?', memGiB: Math.round(totalmem() / 2 ** 30), node: process.version }
 
   if (mode === 'micro') {
