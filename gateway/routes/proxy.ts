@@ -32,6 +32,9 @@ interface ProxyRouteOptions {
 type Outcome = { readonly sent: true } | { readonly sent: false, readonly status: number }
 const SENT: Outcome = { sent: true }
 const MAX_DROPPED_BODY = 128 * 1024
+// setTimeout runs any longer delay after 1 ms; undici's bodyTimeout (its own timers) takes any
+// UPSTREAM_BODY_TIMEOUT_MS, so the stall timer must not cut at once where undici would wait.
+const MAX_TIMER_MS = 2 ** 31 - 1
 
 // The headers the gateway adds to every answer (gateway/app.ts), for the answers the proxy
 // writes itself.
@@ -46,6 +49,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
   const { proxyPrefix, apiKeyHeader, headersTimeoutMs, bodyTimeoutMs } = config.upstream
   const basePath = config.upstream.url.pathname
   const bodyLimit = config.gateway.bodyLimitBytes
+  const stallMs = Math.min(bodyTimeoutMs, MAX_TIMER_MS)
   const upstreamBasePath = basePath.replace(/\/+$/, '')
   const rewrite = { upstreamBase: config.upstream.url.origin + upstreamBasePath, upstreamBasePath, proxyPrefix }
 
@@ -164,7 +168,7 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
             stalled = true
             request.errorCode = 'CLIENT_STOPPED_READING'
             c.abort(new Error('the client stopped reading'))
-          }, bodyTimeoutMs).unref()
+          }, stallMs).unref()
         },
         onResponseEnd () {
           clearTimeout(stall)

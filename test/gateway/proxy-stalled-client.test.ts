@@ -169,3 +169,21 @@ t.test('shutdown is not held by a client that stopped reading', async t => {
   t.equal(closed, 'closed', `app.close() returns (after ${Date.now() - started} ms)`)
   t.equal(cuts(closing).length, 1, 'the stalled response was cut')
 })
+
+// setTimeout fires after 1 ms for any delay over 2^31 - 1 ms; undici's own bodyTimeout has no
+// such ceiling, so a very long UPSTREAM_BODY_TIMEOUT_MS ("never", for bulk exports) worked
+// before the stall timer and must still.
+t.test('an UPSTREAM_BODY_TIMEOUT_MS beyond setTimeout\'s range does not cut a paused answer at once', async t => {
+  const longEnv = { ...env, UPSTREAM_BODY_TIMEOUT_MS: String(2 ** 31) }
+  const patient = await startGateway(t, { env: longEnv, db: gw.db, pki: gw.pki })
+  const upstream = serve(patient)
+  const patientToken = await patient.fetchToken(patient.agent(pair))
+  const socket = await stalledClient(patient, pair, patientToken, '/fhir/Binary/stalled')
+  t.teardown(() => { socket.destroy() })
+  t.ok(await until(5000, () => patient.upstream.requests.some(r => r.url.endsWith('/stalled'))), 'the answer is streaming')
+  const closed = upstream.get('/fhir/Binary/stalled') ?? Promise.reject(new Error('never reached the upstream'))
+  t.equal(await within(1000, closed.then(() => 'closed')), 'timed out', 'the upstream request is still paused a second later')
+  t.equal(cuts(patient).length, 0, 'not cut')
+  socket.destroy()
+  t.equal(await within(5000, closed.then(() => 'closed')), 'closed', 'and aborted once the client leaves')
+})
