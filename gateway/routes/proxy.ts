@@ -188,7 +188,13 @@ export async function proxyRoutes (app: FastifyInstance, options: ProxyRouteOpti
           }
           if (stalled) request.log.warn({ bodyTimeoutMs }, 'client stopped reading; response cut after UPSTREAM_BODY_TIMEOUT_MS')
           else if (aborted) request.log.info('client closed the request during the response')
-          else request.log.warn({ err: translateUpstreamError(err, true) }, 'upstream response body failed')
+          else {
+            // The audit row (written on 'close') says the EHR broke the answer off, where it
+            // would otherwise read as a client that left.
+            const failure = translateUpstreamError(err, true)
+            request.errorCode = failure.code
+            request.log.warn({ err: failure }, 'upstream response body failed')
+          }
           res.destroy()
           resolve(SENT)
         }
