@@ -283,21 +283,26 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
   // own per-request CPU). Every other log call keeps it. The line is the same as
   // request.log's: reqId comes first, where the request logger puts its binding.
   const accessLog = app.log.child({}, { redact: { paths: [] } })
-  app.addHook('onResponse', (request, reply, done) => {
+  // One access line and one count per request: from onResponse, or, for an audited request
+  // that ended without it (Fastify skips onResponse for a client that left and for an answer
+  // cut off mid-body), from the audit hooks.
+  const logRequest = (request: FastifyRequest, status: number, elapsedMs: number): void => {
     const route = request.routeOptions.url ?? 'unmatched'
-    const status = reply.statusCode
     metrics.requests.labels(route, request.method, String(status), request.errorCode ?? '').inc()
-    metrics.duration.labels(route).observe(reply.elapsedTime / 1000)
+    metrics.duration.labels(route).observe(elapsedMs / 1000)
     accessLog.info({
       reqId: request.id,
       req: request,
       status,
-      ms: Math.round(reply.elapsedTime * 100) / 100,
+      ms: Math.round(elapsedMs * 100) / 100,
       machine: request.machine?.name,
       jti: request.tokenId ?? undefined,
       code: request.errorCode ?? undefined,
       reason: request.errorReason ?? undefined
     }, 'request')
+  }
+  app.addHook('onResponse', (request, reply, done) => {
+    logRequest(request, reply.statusCode, reply.elapsedTime)
     done()
   })
 
@@ -333,7 +338,7 @@ export async function buildGateway (config: GatewayConfig, deps: GatewayDeps): P
     errorResponseBuilder: (_request, context) => new GatewayError('RATE_LIMITED', [Math.ceil(context.ttl / 1000)])
   })
 
-  const auditHooks = registerAudit(app, audit, { proxyPrefix: config.upstream.proxyPrefix, clock })
+  const auditHooks = registerAudit(app, audit, { proxyPrefix: config.upstream.proxyPrefix, clock, logEndedEarly: logRequest })
   await app.register(wellKnownRoutes, { keys, config })
   await app.register(tokenRoutes, { registry, tokens, possession, metrics, audit: auditHooks })
   const credentials = createUpstreamCredentials(config.upstream, {

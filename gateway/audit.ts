@@ -229,6 +229,9 @@ export function queryParamNames (query: string): string[] {
 interface AuditHookOptions {
   readonly proxyPrefix: string
   readonly clock: () => number
+  // The access line and request metrics of a request that ended without onResponse (the
+  // client left first, or the answer was cut off mid-body); onResponse logs all the others.
+  readonly logEndedEarly: (request: FastifyRequest, status: number, elapsedMs: number) => void
 }
 
 // Callback-style: an async hook costs a promise per request on the hot path.
@@ -248,7 +251,7 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
   app.decorateRequest('auditBytesWritten', 0)
   app.decorateRequest('auditStarted', 0)
   app.decorateRequest('audited', false)
-  const { proxyPrefix, clock } = options
+  const { proxyPrefix, clock, logEndedEarly } = options
 
   function row (request: FastifyRequest, status: number, code: string | null, durationMs: number, bytesOut: number): AuditRecord {
     const url = request.raw.url ?? '/'
@@ -299,7 +302,10 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
         request.audited = true
         const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
         const status = reply.raw.headersSent ? reply.statusCode : 499
-        sink.record(row(request, status, request.errorCode ?? 'CLIENT_CLOSED_REQUEST', performance.now() - request.auditStarted, bytesOut))
+        request.errorCode ??= 'CLIENT_CLOSED_REQUEST'
+        const elapsedMs = performance.now() - request.auditStarted
+        sink.record(row(request, status, request.errorCode, elapsedMs, bytesOut))
+        logEndedEarly(request, status, elapsedMs)
       })
       done()
     },
@@ -317,7 +323,10 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
       if (!request.audited) {
         request.audited = true
         const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
-        sink.record(row(request, 499, 'CLIENT_CLOSED_REQUEST', performance.now() - request.auditStarted, bytesOut))
+        request.errorCode = 'CLIENT_CLOSED_REQUEST'
+        const elapsedMs = performance.now() - request.auditStarted
+        sink.record(row(request, 499, request.errorCode, elapsedMs, bytesOut))
+        logEndedEarly(request, 499, elapsedMs)
       }
       done()
     }

@@ -103,6 +103,11 @@ t.test('a client that stops reading is cut after UPSTREAM_BODY_TIMEOUT_MS, and t
   t.match(line, { level: 40, msg: CUT_LINE, bodyTimeoutMs: BODY_TIMEOUT_MS }, 'one warn line')
   t.notOk(JSON.stringify(line).includes(token), 'no token in it')
   t.notOk(gw.logs.some(l => l.includes('client closed the request during the response')), 'not told as a client that left')
+  const reqId = String(line['reqId'])
+  const access = await until(2000, () => gw.logs.some(l => l.includes('"msg":"request"') && l.includes(reqId)))
+  t.ok(access, 'the cut request has its access line too (Fastify runs no onResponse for it)')
+  const accessLine = JSON.parse(gw.logs.find(l => l.includes('"msg":"request"') && l.includes(reqId)) ?? '{}') as Record<string, unknown>
+  t.match(accessLine, { status: 200, code: 'CLIENT_STOPPED_READING' }, 'with the answer\'s status and why it was cut')
 
   const upstreamClosed = await within(2000, (upstream.get('/fhir/Binary/stalled') ?? Promise.reject(new Error('never reached the upstream'))).then(() => 'closed'))
   t.equal(upstreamClosed, 'closed', 'the upstream request was aborted, its connection closed')
