@@ -344,6 +344,20 @@ http {
     } finally { await pool.close() }
   }
 
+  // What Postgres still does for the previous row (its last audit batch, the autovacuum its
+  // inserts set off) would land in this row's round, in its throughput and its Postgres CPU:
+  // wait, at most 10 s, until Postgres takes under one tick over a quarter of a second.
+  async function postgresQuiet (): Promise<void> {
+    const until = Date.now() + 10_000
+    let last = postgresCpuSeconds()
+    while (Date.now() < until) {
+      await sleep(250)
+      const now = postgresCpuSeconds()
+      if (now - last < 0.005) return
+      last = now
+    }
+  }
+
   async function table (): Promise<void> {
     console.log(header)
     // CPU seconds of the target's processes and of local Postgres, and the share of the
@@ -364,6 +378,7 @@ http {
     const live = rows.filter(row => row.target !== undefined)
     const measure = async (row: Row, secs: number): Promise<Measured> => {
       const target = row.target as Target
+      await postgresQuiet()
       const before = cpuSeconds(target.pid)
       const dbBefore = postgresCpuSeconds()
       const ticksBefore = machineTicks()
