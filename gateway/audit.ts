@@ -3,6 +3,7 @@ import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest }
 import { MAX_AUDIT_BATCH } from '../shared/db/audit.js'
 import type { AuditRecord } from '../shared/db/audit.js'
 import { GatewayError } from '../shared/errors.js'
+import type { ErrorCode } from '../shared/errors.js'
 import { presentedThumbprint } from './identity.js'
 import type { Metrics } from './metrics.js'
 
@@ -285,6 +286,19 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
     }
   }
 
+  // Bytes this response put on the connection: status line, headers and body.
+  const bytesOut = (request: FastifyRequest): number => request.raw.socket.bytesWritten - request.auditBytesWritten
+
+  // A request that ends without onResponse: its row and access line, once.
+  function endedEarly (request: FastifyRequest, status: number, code: ErrorCode): void {
+    if (request.audited) return
+    request.audited = true
+    request.errorCode = code
+    const elapsedMs = performance.now() - request.auditStarted
+    sink.record(row(request, status, code, elapsedMs, bytesOut(request)))
+    logEndedEarly(request, status, elapsedMs)
+  }
+
   return {
     onRequest (request, reply, done) {
       request.auditBytesWritten = request.raw.socket.bytesWritten
@@ -298,36 +312,21 @@ export function registerAudit (app: FastifyInstance, sink: AuditSink, options: A
       // body failed) fires neither onResponse nor onRequestAbort, only 'close'; the EHR may
       // have served or changed data all the same.
       reply.raw.once('close', () => {
-        if (request.audited || reply.raw.writableFinished) return
-        request.audited = true
-        const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
-        const status = reply.raw.headersSent ? reply.statusCode : 499
-        request.errorCode ??= 'CLIENT_CLOSED_REQUEST'
-        const elapsedMs = performance.now() - request.auditStarted
-        sink.record(row(request, status, request.errorCode, elapsedMs, bytesOut))
-        logEndedEarly(request, status, elapsedMs)
+        if (reply.raw.writableFinished) return
+        endedEarly(request, reply.raw.headersSent ? reply.statusCode : 499, request.errorCode ?? 'CLIENT_CLOSED_REQUEST')
       })
       done()
     },
     onResponse (request, reply, done) {
       if (!request.audited) {
         request.audited = true
-        // Bytes this response put on the connection: status line, headers and body.
-        const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
-        sink.record(row(request, reply.statusCode, request.errorCode, reply.elapsedTime, bytesOut))
+        sink.record(row(request, reply.statusCode, request.errorCode, reply.elapsedTime, bytesOut(request)))
       }
       done()
     },
     // The client went away before the answer: no onResponse will come.
     onRequestAbort (request, done) {
-      if (!request.audited) {
-        request.audited = true
-        const bytesOut = request.raw.socket.bytesWritten - request.auditBytesWritten
-        request.errorCode = 'CLIENT_CLOSED_REQUEST'
-        const elapsedMs = performance.now() - request.auditStarted
-        sink.record(row(request, 499, request.errorCode, elapsedMs, bytesOut))
-        logEndedEarly(request, 499, elapsedMs)
-      }
+      endedEarly(request, 499, 'CLIENT_CLOSED_REQUEST')
       done()
     }
   }
