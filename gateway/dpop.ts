@@ -155,7 +155,7 @@ function proofKey (jwk: PublicJwk): ProofKey {
     } catch {
       key = null // not a point on the curve, or not a key at all
     }
-    found = { jkt: hash('sha256', canonical, 'base64url'), key }
+    found = { jkt: jwkThumbprint(jwk), key }
     keys.set(canonical, found)
   }
   return found
