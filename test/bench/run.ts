@@ -22,12 +22,12 @@ import { Worker } from 'node:worker_threads'
 import * as hdr from 'hdr-histogram-js'
 import postgres from 'postgres'
 import { Pool } from 'undici'
-import { createDevCa, writeKeyPair } from '../../gateway/demo/pki.js'
 import { describeCertificate } from '../../shared/certificates.js'
 import { postgresClient } from '../../shared/db/client.js'
 import { startEmbeddedPostgres } from '../../shared/db/embedded.js'
 import { machineRecord, machinesRepository } from '../../shared/db/machines.js'
 import { migrate } from '../../shared/db/migrations.js'
+import { perfGatewayEnv, perfPki } from '../perf/setup.js'
 import { DpopSigner } from './dpop.js'
 import type { LoadJob, LoadKind, LoadResult } from './load-worker.js'
 import { runMicro } from './micro.js'
@@ -93,38 +93,18 @@ const sql = postgresClient(dbUrl.toString(), { max: 4, onnotice: () => {}, trans
 
 try {
   await migrate(sql)
-  const ca = await createDevCa()
   const pkiDir = join(work, 'pki')
   await mkdir(pkiDir)
-  const server = await writeKeyPair(pkiDir, 'server', await ca.issueServer({ commonName: 'localhost', dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'] }))
-  const caFile = join(pkiDir, 'ca.crt')
-  await writeFile(caFile, ca.cert)
+  const pki = await perfPki(sql, pkiDir, 'ws-bench-01')
+  const { ca, server, caFile, tls } = pki
   const repo = machinesRepository(sql)
-  const client = await ca.issueClient({ commonName: 'ws-bench-01' })
-  await repo.add(machineRecord('ws-bench-01', describeCertificate(new X509Certificate(client.cert)), null))
-  const tls = { ca: ca.cert, cert: client.cert, key: client.key }
 
   const upstream = start(process.execPath, [join(dist, 'test/bench/upstream.js')], { PATH: process.env['PATH'] })
   procs.push(upstream)
   const { port: upstreamPort, bytes } = await firstJsonLine<{ port: number, bytes: number }>(upstream)
   const upstreamOrigin = `http://127.0.0.1:${upstreamPort}`
 
-  const gatewayBaseEnv = {
-    PATH: process.env['PATH'],
-    NODE_ENV: 'production',
-    DATABASE_URL: dbUrl.toString(),
-    TLS_CERT_FILE: server.certFile,
-    TLS_KEY_FILE: server.keyFile,
-    TLS_CLIENT_CA_FILE: caFile,
-    EHR_UPSTREAM_URL: `${upstreamOrigin}/fhir`,
-    EHR_API_KEY: randomBytes(16).toString('hex'),
-    TOKEN_KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
-    TOKEN_ISSUER: 'https://localhost',
-    TOKEN_TTL_SECONDS: '3600',
-    RATE_LIMIT_MAX: '1000000000',
-    // production's default level: one access-log line per request
-    LOG_LEVEL: 'info'
-  }
+  const gatewayBaseEnv = { PATH: process.env['PATH'] ?? '', ...perfGatewayEnv(pki, dbUrl.toString(), upstreamOrigin) }
 
   // A started target, or the reason it cannot run in this build / on this machine.
   interface Target { readonly origin: string, readonly pid: number, readonly tls: boolean, readonly note?: string }
