@@ -24,6 +24,11 @@ async function outcome (consume: Promise<boolean>): Promise<Outcome> {
   }
 }
 
+// Every id consumed at once, as a burst of requests would.
+async function consumeAll (store: ReplayStore, ids: readonly string[]): Promise<Outcome[]> {
+  return await Promise.all(ids.map(async id => await outcome(store.consume(id, expiry()))))
+}
+
 // A second client on the same database, as a second gateway instance has; it records the
 // size of each consume statement it sends.
 function instance (t: Test, url: string): { sql: Sql, store: ReplayStore, batches: number[] } {
@@ -105,11 +110,11 @@ t.test('fails closed: a failed statement refuses its whole batch and consumes no
   const a = instance(t, url)
   await sql`alter table replay_ids rename to replay_ids_away`
   const ids = Array.from({ length: 50 }, newId)
-  const refused = await Promise.all(ids.map(async id => await outcome(a.store.consume(id, expiry()))))
+  const refused = await consumeAll(a.store, ids)
   t.same(refused, ids.map(() => 'REPLAY_STORE_UNAVAILABLE'), 'every waiter refused')
   t.ok(a.batches.length < ids.length, `in ${a.batches.length} statements`)
   await sql`alter table replay_ids_away rename to replay_ids`
-  const again = await Promise.all(ids.map(async id => await outcome(a.store.consume(id, expiry()))))
+  const again = await consumeAll(a.store, ids)
   t.same(again, ids.map(() => true), 'back: none of the refused ids was consumed')
 })
 
@@ -119,7 +124,7 @@ t.test('fails closed: a store that hangs refuses within the timeout, and a late 
   const release = await lockReplayStore(url)
   const ids = Array.from({ length: 50 }, newId)
   const started = Date.now()
-  const refused = await Promise.all(ids.map(async id => await outcome(a.store.consume(id, expiry()))))
+  const refused = await consumeAll(a.store, ids)
   const waited = Date.now() - started
   t.same(refused, ids.map(() => 'REPLAY_STORE_UNAVAILABLE'), 'every waiter refused')
   t.ok(waited >= 1900 && waited < 4000, `after the 2 s timeout (${waited} ms)`)
@@ -129,12 +134,12 @@ t.test('fails closed: a store that hangs refuses within the timeout, and a late 
   await release()
   // The statements that were sent commit now; their ids were refused and stay consumed.
   // The consumes that timed out while waiting were never sent, so their ids are free.
-  const later = await Promise.all(ids.map(async id => await outcome(a.store.consume(id, expiry()))))
+  const later = await consumeAll(a.store, ids)
   t.equal(later.filter(r => typeof r === 'string').length, 0, 'the store works again')
   const burnt = later.filter(r => r === false).length
   t.ok(burnt >= 1 && burnt <= MAX_STATEMENTS_IN_FLIGHT * MAX_REPLAY_BATCH, `${burnt} ids committed late: refused then, consumed now`)
   t.ok(later.filter(r => r === true).length >= ids.length - MAX_STATEMENTS_IN_FLIGHT, 'ids that only waited were not consumed')
-  const second = await Promise.all(ids.map(async id => await outcome(a.store.consume(id, expiry()))))
+  const second = await consumeAll(a.store, ids)
   t.same(second, ids.map(() => false), 'and every id is consumed exactly once from here on')
 })
 
